@@ -1,0 +1,107 @@
+"""The one interface every distillation method implements, and its registry.
+
+A method never calls the teacher: it receives teacher *targets* (logits, embedding,
+feature maps or attention maps, named by `TEACHER_TARGETS`), so the sweep can compute
+them once and share them between trials. It returns a dict of named, already weighted
+loss terms; the trainer sums and logs them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdtune.models import Features
+
+
+def attention(feature_map: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis' attention map: channel mean of squares, flattened, L2-normalised."""
+    return F.normalize(feature_map.pow(2).mean(1).flatten(1), dim=1)
+
+
+# Names a method may ask of the teacher, and how each is read off its Features.
+TEACHER_TARGETS: dict[str, Callable[[Features], torch.Tensor]] = {
+    "logits": lambda f: f.logits,
+    "embedding": lambda f: f.embedding,
+    "map0": lambda f: f.maps[0],
+    "map1": lambda f: f.maps[1],
+    "attention0": lambda f: attention(f.maps[0]),
+    "attention1": lambda f: attention(f.maps[1]),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its default and the closed interval it must lie in (open at 0 if positive)."""
+
+    default: float
+    low: float = -math.inf
+    high: float = math.inf
+    positive: bool = False
+    integer: bool = False
+
+    def check(self, value) -> str | None:
+        """None if `value` is allowed, else a description of what is allowed."""
+        kind = "an integer" if self.integer else "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.integer:
+            ok = ok and float(value).is_integer()
+        if ok and self.positive:
+            ok = value > 0
+        ok = ok and self.low <= value <= self.high
+        return None if ok else f"{kind} in {self.describe()}"
+
+    def describe(self) -> str:
+        low = "(0" if self.positive else f"[{self.low:g}"
+        return f"{low}, {self.high:g}]"
+
+
+class Distiller(nn.Module):
+    """Base of all methods. Subclasses set `name`, `params`, and implement `losses`.
+
+    Args given to every method: the student's and the teacher targets' shapes (a forward
+    of one small batch), the training-set size (for memory banks), the CE weight, and the
+    method's own parameters (defaults filled in).
+    """
+
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Param]] = {}
+    needs_conv_student: ClassVar[bool] = False
+
+    def __init__(self, student: Features, teacher: dict[str, torch.Tensor], num_train: int,
+                 ce_weight: float = 1.0, **params):
+        super().__init__()
+        self.ce_weight = ce_weight
+        self.hp = {k: params.get(k, p.default) for k, p in self.params.items()}
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.params)}")
+
+    @classmethod
+    def teacher_keys(cls, student_has_maps: bool) -> tuple[str, ...]:
+        """Which TEACHER_TARGETS this method reads; by default only the logits."""
+        return ("logits",)
+
+    def ce(self, s: Features, labels: torch.Tensor) -> torch.Tensor:
+        return self.ce_weight * F.cross_entropy(s.logits, labels)
+
+    def losses(self, s: Features, t: dict[str, torch.Tensor], labels: torch.Tensor,
+               idx: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        """Named loss terms for one batch. `idx` are the batch's dataset indices and
+        `progress` the epochs done so far (fractional), for warm-ups."""
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        return self.losses(*args, **kwargs)
+
+
+METHODS: dict[str, type[Distiller]] = {}
+
+
+def register(cls: type[Distiller]) -> type[Distiller]:
+    METHODS[cls.name] = cls
+    return cls

@@ -1,0 +1,111 @@
+"""Teacher and student networks behind one interface.
+
+Every model returns `Features`, so a distillation method can ask for logits, the
+penultimate embedding or intermediate feature maps without knowing the architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Features:
+    logits: torch.Tensor
+    embedding: torch.Tensor
+    maps: list[torch.Tensor] = field(default_factory=list)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def add(builder):
+        MODELS[name] = builder
+        return builder
+    return add
+
+
+def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, width: int | None = None) -> nn.Module:
+    if arch not in MODELS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(sorted(MODELS))}")
+    kwargs = {} if width is None else {"width": width}
+    return MODELS[arch](in_shape=in_shape, num_classes=num_classes, **kwargs)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def has_maps(arch: str) -> bool:
+    """Whether an architecture exposes convolutional feature maps (needed by AT and map FitNet)."""
+    return getattr(MODELS[arch], "has_maps", False)
+
+
+@register_model("mnist_cnn")
+class TeacherCNN(nn.Module):
+    """The PyTorch MNIST example's net: conv32-conv64-maxpool-fc128-fc10 (1.2M params on MNIST)."""
+
+    has_maps = True
+
+    def __init__(self, in_shape, num_classes, width=None):
+        super().__init__()
+        c, h, w = in_shape
+        self.conv1 = nn.Conv2d(c, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(64 * ((h - 4) // 2) * ((w - 4) // 2), 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> Features:
+        m1 = F.relu(self.conv1(x))
+        m2 = F.relu(self.conv2(m1))
+        h = self.dropout1(torch.flatten(F.max_pool2d(m2, 2), 1))
+        embedding = F.relu(self.fc1(h))
+        return Features(self.fc2(self.dropout2(embedding)), embedding, [m1, m2])
+
+
+@register_model("mlp")
+class StudentMLP(nn.Module):
+    """Hidden layers [width, width/2]; width 128 gives the tutorial's 109k-param student."""
+
+    has_maps = False
+
+    def __init__(self, in_shape, num_classes, width=128):
+        super().__init__()
+        c, h, w = in_shape
+        self.fc1 = nn.Linear(c * h * w, width)
+        self.fc2 = nn.Linear(width, max(width // 2, 1))
+        self.fc3 = nn.Linear(max(width // 2, 1), num_classes)
+
+    def forward(self, x: torch.Tensor) -> Features:
+        embedding = F.relu(self.fc2(F.relu(self.fc1(torch.flatten(x, 1)))))
+        return Features(self.fc3(embedding), embedding)
+
+
+@register_model("cnn")
+class StudentCNN(nn.Module):
+    """conv(width)-conv(2*width)-maxpool-avgpool(5x5)-linear: width 8 has 5.3k params.
+
+    Its two conv maps have the teacher's spatial sizes, so attention transfer and map
+    FitNet pair stage with stage.
+    """
+
+    has_maps = True
+
+    def __init__(self, in_shape, num_classes, width=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_shape[0], width, 3, 1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, 1)
+        self.fc = nn.Linear(2 * width * 25, num_classes)
+
+    def forward(self, x: torch.Tensor) -> Features:
+        m1 = F.relu(self.conv1(x))
+        m2 = F.relu(self.conv2(m1))
+        embedding = torch.flatten(F.adaptive_avg_pool2d(F.max_pool2d(m2, 2), 5), 1)
+        return Features(self.fc(embedding), embedding, [m1, m2])

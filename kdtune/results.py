@@ -1,0 +1,106 @@
+"""What a sweep writes: trials.csv, pareto.csv, pareto.png, summary.json, and the terminal tables."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from kdtune.pareto import pareto_mask
+
+BASE_COLUMNS = ["trial_id", "phase", "loss", "student.arch", "width"]
+METRIC_COLUMNS = ["params", "extra_params", "val_acc", "test_acc", "epochs", "status", "reason",
+                  "mlflow_run_id", "node_id"]
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temp file in the same folder, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def trials_frame(rows: list[dict], param_columns: list[str]) -> pd.DataFrame:
+    columns = BASE_COLUMNS + [c for c in param_columns if c not in BASE_COLUMNS] + METRIC_COLUMNS
+    df = pd.DataFrame(rows, columns=columns)
+    return df.sort_values(["phase", "trial_id"], key=lambda s: s.map(str)).reset_index(drop=True)
+
+
+def finished(df: pd.DataFrame) -> pd.DataFrame:
+    """Trials that ran all their epochs: the only ones whose metrics may enter a table."""
+    return df[df["status"] == "FINISHED"]
+
+
+def pareto_table(df: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    done = finished(df[df["phase"] == "search"])
+    front = done[pareto_mask(done, objectives)]
+    return front.sort_values("params").reset_index(drop=True)
+
+
+def method_columns(df: pd.DataFrame) -> list[str]:
+    """The searched columns with a value somewhere (blank columns are dropped from terminal tables)."""
+    return [c for c in df.columns if c not in BASE_COLUMNS + METRIC_COLUMNS and df[c].notna().any()]
+
+
+def kd_gain_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per student (arch, width): the best baseline against the best distilled trial, chosen on val_acc."""
+    done = finished(df[df["phase"] == "search"])
+    rows = []
+    for (arch, width), group in done.groupby(["student.arch", "width"]):
+        base = group[group["loss"] == "none"]
+        kd = group[group["loss"] != "none"]
+        if base.empty or kd.empty:
+            continue
+        b, k = base.loc[base["val_acc"].idxmax()], kd.loc[kd["val_acc"].idxmax()]
+        rows.append({"student.arch": arch, "width": width, "params": int(b["params"]),
+                     "baseline_val_acc": b["val_acc"], "baseline_test_acc": b["test_acc"],
+                     "best_method": k["loss"], "kd_val_acc": k["val_acc"], "kd_test_acc": k["test_acc"],
+                     "test_gain": k["test_acc"] - b["test_acc"]})
+    return pd.DataFrame(rows)
+
+
+def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path, metric: str = "val_acc") -> None:
+    """Every finished trial (x = params, log scale) coloured by method; the front as a step line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = finished(df[df["phase"] == "search"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for loss, group in done.groupby("loss"):
+        ax.scatter(group["params"], group[metric], label=loss, s=28, alpha=0.8)
+    if not front.empty:
+        ax.step(front["params"], front[metric], where="post", color="black", lw=1.2, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters (deployable)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{len(done)} finished trials; front of {len(front)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def write_json(data: dict, path: Path) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
+
+
+def show(df: pd.DataFrame, columns: list[str]) -> str:
+    if df.empty:
+        return "  (none)"
+    shown = df[[c for c in columns if c in df.columns]]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")

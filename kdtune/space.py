@@ -1,0 +1,221 @@
+"""The search space: validated from the spec, sampled define-by-run by Optuna.
+
+The method is a categorical parameter `loss`; a method's own parameters are named
+`<method>.<param>` and sampled only when that method is chosen, so the sampler never
+learns from parameters that did not apply.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from kdtune.distill import METHODS
+from kdtune.models import has_maps
+
+FORMS = ("choice", "uniform", "loguniform", "int")
+ALIASES = {"width": "student.width"}
+SEARCHABLE_SECTIONS = ("student", "train")
+STUDENT_KEYS = ("width", "student.width", "student.arch")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searched (or fixed) parameter: form 'fixed' or one of FORMS."""
+
+    form: str
+    args: tuple
+
+    def sample(self, trial, name: str):
+        if self.form == "choice":
+            return trial.suggest_categorical(name, list(self.args))
+        if self.form == "int":
+            return trial.suggest_int(name, *self.args)
+        return trial.suggest_float(name, *self.args, log=self.form == "loguniform")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    params: dict[str, Dim]
+    methods: dict[str, dict[str, Dim]]
+
+    @property
+    def columns(self) -> list[str]:
+        """Every parameter a trial may carry, in a stable order (for trials.csv)."""
+        names = list(self.params) + ["loss"]
+        return names + [f"{m}.{p}" for m, dims in self.methods.items() for p in dims]
+
+    def __call__(self, trial) -> dict[str, Any]:
+        """Optuna define-by-run (a picklable callable, as Tune checkpoints the searcher);
+        returns the constants Ray merges into the config."""
+        constants = {}
+        for name, dim in self.params.items():
+            if dim.form == "fixed":
+                constants[name] = dim.args[0]
+            else:
+                dim.sample(trial, name)
+        if len(self.methods) > 1:
+            method = trial.suggest_categorical("loss", list(self.methods))
+        else:
+            method = constants["loss"] = next(iter(self.methods))
+        for param, dim in self.methods[method].items():
+            if dim.form == "fixed":
+                constants[f"{method}.{param}"] = dim.args[0]
+            else:
+                dim.sample(trial, f"{method}.{param}")
+        return constants
+
+    def baseline_points(self) -> list[dict]:
+        """loss=none at every combination of the student's choice values, for the KD-gain table."""
+        keys = [k for k in STUDENT_KEYS if k in self.params and self.params[k].form == "choice"]
+        points = []
+        for values in itertools.product(*(self.params[k].args for k in keys)):
+            point = dict(zip(keys, values))
+            if len(self.methods) > 1:
+                point["loss"] = "none"
+            points.append(point)
+        return points
+
+    def student_values(self, key: str, spec_value) -> tuple:
+        dim = self.params.get(key)
+        return (spec_value,) if dim is None else dim.args if dim.form in ("fixed", "choice") else ()
+
+
+def _spec_value_check(spec_dict: dict, dotted: str) -> Callable[[Any], str | None]:
+    """Checks a candidate value by validating the whole spec with it in place."""
+    from kdtune.spec import Spec
+
+    def check(value):
+        trial = copy.deepcopy(spec_dict)
+        node = trial
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        try:
+            Spec.model_validate(trial)
+        except ValidationError as exc:
+            return exc.errors()[0]["msg"].removeprefix("Value error, ")
+        return None
+    return check
+
+
+def _parse_dim(path: str, raw: Any, check: Callable[[Any], str | None]):
+    from kdtune.spec import SpecError
+
+    def checked(value, where):
+        problem = check(value)
+        if problem:
+            raise SpecError(where, f"{problem} (got {value!r})")
+        return value
+
+    if not isinstance(raw, dict):
+        return Dim("fixed", (checked(raw, path),))
+    if len(raw) != 1 or next(iter(raw)) not in FORMS:
+        raise SpecError(path, f"a search form must be one of {{{' | '.join(FORMS)}: ...}} or a plain value; got keys {sorted(raw)}")
+    form, args = next(iter(raw.items()))
+    where = f"{path}.{form}"
+    if form == "choice":
+        if not isinstance(args, list) or not args:
+            raise SpecError(where, "choice needs a non-empty list of values")
+        if any(isinstance(v, (dict, list)) for v in args):
+            raise SpecError(where, "choice values must be plain values (numbers, strings, booleans)")
+        return Dim(form, tuple(checked(v, f"{where}[{i}]") for i, v in enumerate(args)))
+    if not (isinstance(args, list) and len(args) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)):
+        raise SpecError(where, f"{form} needs a list [lo, hi] of two numbers (got {args!r})")
+    lo, hi = args
+    if not lo < hi:
+        raise SpecError(where, f"empty or inverted range: lo must be below hi (got [{lo}, {hi}])")
+    if form == "loguniform" and lo <= 0:
+        raise SpecError(where, f"loguniform needs lo > 0 (got {lo})")
+    if form == "int" and not all(isinstance(v, int) for v in args):
+        raise SpecError(where, f"int needs integer bounds (got {args!r})")
+    if not all(math.isfinite(v) for v in args):
+        raise SpecError(where, "bounds must be finite")
+    return Dim(form, (checked(lo, f"{where}[0]"), checked(hi, f"{where}[1]")))
+
+
+def _parse_methods(raw: Any) -> dict[str, dict[str, Dim]]:
+    from kdtune.spec import SpecError
+
+    if isinstance(raw, str):
+        raw = {raw: {}}
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError("search.space.loss", "expected a mapping of method name to its parameters, e.g. {none: {}, kd: {temperature: 4}}")
+    methods = {}
+    for name, params in raw.items():
+        path = f"search.space.loss.{name}"
+        if name not in METHODS:
+            raise SpecError(path, f"unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
+        params = params or {}
+        if not isinstance(params, dict):
+            raise SpecError(path, "expected a mapping of the method's parameters (or {})")
+        allowed = METHODS[name].params
+        dims = {}
+        for param, value in params.items():
+            if param not in allowed:
+                listed = ", ".join(sorted(allowed)) or "none"
+                raise SpecError(f"{path}.{param}", f"method {name!r} has no parameter {param!r}; its parameters: {listed}")
+            dims[param] = _parse_dim(f"{path}.{param}", value, allowed[param].check)
+        methods[name] = dims
+    return methods
+
+
+def parse_space(spec) -> SearchSpace:
+    """Validate `spec.search.space` against the spec schema and the method registry."""
+    from kdtune.spec import SpecError, field_at
+
+    raw = dict(spec.search.space)
+    methods = _parse_methods(raw.pop("loss", {"kd": {}}))
+    if spec.search.baselines and "none" not in methods:
+        methods = {"none": {}, **methods}
+    spec_dict = spec.model_dump(mode="python")
+    params = {}
+    for key, value in raw.items():
+        dotted = ALIASES.get(key, key)
+        path = f"search.space.{key}"
+        if dotted.split(".")[0] not in SEARCHABLE_SECTIONS or field_at(dotted) is None:
+            raise SpecError(path, "not a searchable key; use width, loss, or a dotted path under "
+                                  f"{' or '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr, student.arch)")
+        params[key] = _parse_dim(path, value, _spec_value_check(spec_dict, dotted))
+    space = SearchSpace(params, methods)
+    archs = space.student_values("student.arch", spec.student.arch)
+    for name in methods:
+        if METHODS[name].needs_conv_student:
+            flat = [a for a in archs if not has_maps(a)]
+            if flat:
+                raise SpecError(f"search.space.loss.{name}",
+                                f"method {name!r} needs a conv student, but student.arch can be {flat[0]!r}; "
+                                "use student.arch: cnn or drop this method")
+    return space
+
+
+@dataclass
+class TrialPlan:
+    """What one trial trains: the spec with the trial's values applied, the method and its parameters."""
+
+    spec: Any
+    method: str
+    method_params: dict
+    seed: int
+
+
+def resolve(spec, config: dict) -> TrialPlan:
+    """Apply a trial's flat config (as sampled, or a confirmation rerun's) to the spec."""
+    from kdtune.spec import Spec
+
+    method = config.get("loss", "none")
+    prefix = f"{method}."
+    method_params = {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+    data = spec.model_dump(mode="python")
+    for key, value in config.items():
+        dotted = ALIASES.get(key, key)
+        if dotted.split(".")[0] in SEARCHABLE_SECTIONS:
+            section, leaf = dotted.split(".", 1)
+            data[section][leaf] = value
+    return TrialPlan(Spec.model_validate(data), method, method_params, int(config.get("seed", spec.seed)))

@@ -1,0 +1,117 @@
+"""MLflow layout: experiment <name>, a parent run per sweep, one child run per trial.
+
+Trials create their own child run (idempotently, keyed by the Ray trial id, so a
+restored trial reattaches to it); the driver logs their metrics and ends every run, so
+early-stopped, failed and interrupted trials never stay RUNNING.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+LOGGED_METRICS = ("val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches")
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "kdtune.trial_id"
+
+
+class TrackingError(Exception):
+    """The tracking URI cannot be used."""
+
+
+def absolute_uri(uri: str | None) -> str:
+    """Make a relative sqlite path absolute: Ray trials run in other working directories."""
+    uri = uri or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+@contextmanager
+def _fail_fast():
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, before any training, if the tracking store cannot be used."""
+    with _fail_fast():
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(f"MLflow tracking URI {uri} cannot be reached: {first[:300]}") from None
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}, for MLflow params."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _params(values: dict) -> list[Param]:
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
+def start_parent(client: MlflowClient, exp_id: str, spec_dict: dict) -> str:
+    run = client.create_run(exp_id, run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                            tags={"kdtune.kind": "sweep", "kdtune.name": spec_dict["name"]})
+    client.log_batch(run.info.run_id, params=_params(flatten(spec_dict)))
+    client.log_text(run.info.run_id, json.dumps(spec_dict, indent=2), "spec.json")
+    return run.info.run_id
+
+
+def child_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, run_name: str,
+              params: dict, tags: dict) -> str:
+    """The trial's child run: the existing one for this trial id, else a new one."""
+    found = client.search_runs([exp_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'",
+                               max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **tags})
+    client.log_batch(run.info.run_id, params=_params(params))
+    return run.info.run_id
+
+
+def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:
+    step = int(result.get("epoch", 0))
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+               if (k in LOGGED_METRICS or k.startswith("loss_")) and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
+    tags = [RunTag("kdtune.status", status)] + ([RunTag("kdtune.reason", reason[:5000])] if reason else [])
+    client.log_batch(run_id, tags=tags)
+    mlflow_status = {"STOPPED": "FINISHED"}.get(status, status)
+    client.set_terminated(run_id, mlflow_status)
+
+
+def close_open_children(client: MlflowClient, exp_id: str, parent_id: str, status: str = "KILLED") -> int:
+    """End every child of the sweep still RUNNING (interrupt, crash): none may stay RUNNING."""
+    runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'")
+    for run in runs:
+        end_run(client, run.info.run_id, status)
+    return len(runs)

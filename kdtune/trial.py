@@ -1,0 +1,138 @@
+"""One teacher->student training: a pure function of a TrialPlan and the sweep's data.
+
+No Ray here: `run_trial` reports each epoch through a callback, so the same code runs
+inside a Ray Tune trial, in a benchmark loop or in a test.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from kdtune.datasets import Splits, batches
+from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.models import build_model, count_params, has_maps
+from kdtune.space import TrialPlan
+from kdtune.teacher import accuracy
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adadelta": torch.optim.Adadelta}
+
+
+@dataclass
+class SweepData:
+    """What every trial shares, computed once per sweep: the splits and the teacher's cached
+    train-set targets, plus the teacher weights for targets too large to cache."""
+
+    splits: Splits
+    targets: dict[str, torch.Tensor]
+    teacher_arch: str
+    teacher_state: dict = field(repr=False, default_factory=dict)
+
+    def to(self, device) -> "SweepData":
+        s = self.splits
+        moved = Splits(*(t.to(device) for t in (s.train_x, s.train_y, s.val_x, s.val_y, s.test_x, s.test_y)), s.num_classes)
+        return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, self.teacher_arch, self.teacher_state)
+
+
+class TeacherTargets:
+    """Serves a batch's teacher targets: cached rows by dataset index, the rest by a live forward."""
+
+    def __init__(self, data: SweepData, keys: tuple[str, ...], device):
+        self.cached = {k: data.targets[k] for k in keys if k in data.targets}
+        self.live = [k for k in keys if k not in data.targets]
+        self.teacher = None
+        self.live_batches = 0
+        if self.live:
+            self.teacher = build_model(data.teacher_arch, data.splits.in_shape, data.splits.num_classes)
+            self.teacher.load_state_dict(data.teacher_state)
+            self.teacher.to(device).eval().requires_grad_(False)
+
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {k: v[idx] for k, v in self.cached.items()}
+        if self.live:
+            self.live_batches += 1
+            with torch.no_grad():
+                features = self.teacher(x)
+            out.update({k: TEACHER_TARGETS[k](features) for k in self.live})
+        return out
+
+
+
+def _optimizer(plan: TrialPlan, modules: list[nn.Module]) -> torch.optim.Optimizer:
+    params = [p for m in modules for p in m.parameters()]
+    kwargs = {"lr": plan.spec.train.lr}
+    if plan.spec.train.optimizer in ("adam", "sgd"):
+        kwargs["fused"] = True  # one kernel per step instead of one per tensor: per-step overhead is the wall
+    return OPTIMIZERS[plan.spec.train.optimizer](params, **kwargs)
+
+
+def run_trial(plan: TrialPlan, data: SweepData,
+              report: Callable[[dict, Optional[Callable[[], dict]]], None],
+              state: Optional[dict] = None, device: str | torch.device = "cpu") -> dict:
+    """Train the plan's student for its epochs; `report(metrics, get_state)` once per epoch.
+
+    `get_state` is given on checkpoint epochs (every `train.checkpoint_every` and the last):
+    calling it returns everything needed to resume. A non-finite loss ends the trial with
+    `diverged: True` and val_acc NaN. Returns the last metrics.
+    """
+    spec = plan.spec
+    torch.manual_seed(plan.seed)
+    generator = torch.Generator().manual_seed(plan.seed)
+    splits = data.splits
+    student = build_model(spec.student.arch, splits.in_shape, splits.num_classes, spec.student.width).to(device)
+    method = METHODS[plan.method]
+    targets = TeacherTargets(data, method.teacher_keys(has_maps(spec.student.arch)), device)
+    probe = torch.arange(2, device=device)
+    with torch.no_grad():
+        distiller = method(student(splits.train_x[probe]), targets(probe, splits.train_x[probe]),
+                           len(splits.train_y), spec.train.ce_weight, **plan.method_params).to(device)
+    targets.live_batches = 0
+    optimizer = _optimizer(plan, [student, distiller])
+    first_epoch = 0
+    if state:
+        student.load_state_dict(state["student"])
+        distiller.load_state_dict(state["distiller"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        first_epoch = state["epoch"]
+    fixed = {"params": count_params(student), "extra_params": count_params(distiller)}
+    epochs, n = spec.train.epochs, len(splits.train_y)
+    metrics: dict = {}
+    for epoch in range(first_epoch, epochs):
+        started = time.time()
+        student.train()
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        order = batches(n, spec.train.batch_size, generator, device)
+        for step, idx in enumerate(order):
+            x, y = splits.train_x[idx], splits.train_y[idx]
+            terms = distiller(student(x), targets(idx, x), y, idx, epoch + step / len(order))
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in terms.items():
+                sums[name] += value.detach()
+        losses = {f"loss_{k}": v.item() / len(order) for k, v in sums.items()}
+        diverged = not all(math.isfinite(v) for v in losses.values())
+        val_acc, val_loss = (math.nan, math.nan) if diverged else accuracy(student, splits.val_x, splits.val_y)
+        metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, **losses, **fixed,
+                   "epoch_seconds": time.time() - started, "teacher_live_batches": targets.live_batches,
+                   "diverged": diverged, "done": diverged or epoch + 1 == epochs}
+        if epoch + 1 == epochs and not diverged:
+            metrics["test_acc"] = accuracy(student, splits.test_x, splits.test_y)[0]
+        checkpoint_now = not diverged and ((epoch + 1) % spec.train.checkpoint_every == 0 or epoch + 1 == epochs)
+
+        def get_state(epoch=epoch):
+            return {"student": student.state_dict(), "distiller": distiller.state_dict(),
+                    "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}
+        report(metrics, get_state if checkpoint_now else None)
+        if diverged:
+            break
+    return metrics

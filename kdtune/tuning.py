@@ -1,0 +1,159 @@
+"""The thin Ray Tune layer: the trainable around `run_trial`, the searcher and the callbacks."""
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from kdtune import tracking
+from kdtune.space import resolve
+from kdtune.spec import Spec
+from kdtune.trial import SweepData, run_trial
+
+STATE_FILE = "trial_state.pt"
+
+
+@dataclass
+class SweepContext:
+    """Facts every trial needs besides its config and the shared data."""
+
+    spec_dict: dict
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    phase: str = "search"
+
+
+def trial_params(plan, config: dict) -> dict:
+    """A trial's parameters for MLflow: the sampled config plus the resolved student and method."""
+    method_defaults = {f"{plan.method}.{k}": v for k, v in plan.method_params.items()}
+    return {"loss": plan.method, "student.arch": plan.spec.student.arch, "width": plan.spec.student.width,
+            "train.lr": plan.spec.train.lr, "train.epochs": plan.spec.train.epochs, "seed": plan.seed,
+            **method_defaults, **config}
+
+
+def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
+    """Ray Tune function trainable: resume from a checkpoint if any, report every epoch."""
+    spec = Spec.model_validate(ctx.spec_dict)
+    plan = resolve(spec, config)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
+    trial_id = tune.get_context().get_trial_id()
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+    if state:
+        run_id = state["mlflow_run_id"]
+    else:
+        client = MlflowClient(ctx.tracking_uri)
+        name = f"{trial_id} {plan.method} {plan.spec.student.arch}{plan.spec.student.width}"
+        run_id = tracking.child_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id, name,
+                                    trial_params(plan, config), {"kdtune.phase": ctx.phase})
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def report(metrics: dict, get_state) -> None:
+        metrics = {**metrics, "mlflow_run_id": run_id, "node_id": node_id, "trial_id": trial_id}
+        if get_state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({**get_state(), "mlflow_run_id": run_id}, Path(folder) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
+
+
+class KDOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials without full results:
+    a diverged trial is a FAIL and an early-stopped one PRUNED, never an accuracy."""
+
+    def __init__(self, *args, epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epochs = epochs
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and result.get("diverged"):
+            result, error = None, True
+        elif result and not error and result.get("epoch", 0) < self._epochs:
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def trial_status(result: dict | None, epochs: int, error: bool) -> tuple[str, str]:
+    """(status, reason) of a trial, as trials.csv and MLflow show it."""
+    if error:
+        return "FAILED", "error"
+    if not result:
+        return "KILLED", "no result"
+    if result.get("diverged"):
+        return "FAILED", "diverged"
+    if result.get("epoch", 0) >= epochs:
+        return "FINISHED", ""
+    return "STOPPED", "early-stopped by the scheduler"
+
+
+class TrackingCallback(tune.Callback):
+    """Driver side: logs each result to the trial's child run, ends the run with its status,
+    and prints one progress line per finished trial."""
+
+    def __init__(self, ctx: SweepContext, epochs: int, total: int, objective: str, mode: str, out=sys.stdout):
+        self.ctx, self.epochs, self.total = ctx, epochs, total
+        self.objective, self.sign = objective, 1 if mode == "max" else -1
+        self.done, self.best = 0, None
+        self.out = out
+        self._client = None
+
+    def __getstate__(self):  # Tune pickles callbacks with the experiment; clients do not pickle
+        return {**self.__dict__, "_client": None, "out": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.out = sys.stdout
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.ctx.tracking_uri)
+        return self._client
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tracking.log_epoch(self.client, result["mlflow_run_id"], result)
+
+    def _run_id(self, trial) -> str | None:
+        if trial.last_result and "mlflow_run_id" in trial.last_result:
+            return trial.last_result["mlflow_run_id"]
+        runs = self.client.search_runs(
+            [self.ctx.experiment_id],
+            f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.PARENT_TAG}` = '{self.ctx.parent_run_id}'")
+        return runs[0].info.run_id if runs else None
+
+    def _finish(self, trial, error: bool, reason: str | None = None):
+        status, why = trial_status(trial.last_result, self.epochs, error)
+        run_id = self._run_id(trial)
+        if run_id:
+            tracking.end_run(self.client, run_id, status, reason or why or None)
+        self.done += 1
+        value = (trial.last_result or {}).get(self.objective)
+        if status == "FINISHED" and isinstance(value, (int, float)) and not math.isnan(value):
+            if self.best is None or self.sign * value > self.sign * self.best[0]:
+                self.best = (value, trial.trial_id)
+        best = f"best {self.objective} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no finished trial yet"
+        shown = f"{self.objective} {value:.4f}" if isinstance(value, float) else ""
+        print(f"[{self.done}/{self.total}] {trial.trial_id} {status.lower()} {shown} | {best}", file=self.out, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        message = str(trial.error_msg or "error").strip().splitlines()[-1] if getattr(trial, "error_msg", None) else "error"
+        self._finish(trial, error=True, reason=message)
