@@ -32,7 +32,7 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
 def trials_frame(rows: list[dict], param_columns: list[str]) -> pd.DataFrame:
     columns = BASE_COLUMNS + [c for c in param_columns if c not in BASE_COLUMNS] + METRIC_COLUMNS
     df = pd.DataFrame(rows, columns=columns)
-    return df.sort_values(["phase", "trial_id"], key=lambda s: s.map(str)).reset_index(drop=True)
+    return df.reset_index(drop=True)  # Tune's trial order: the order the sampler proposed them
 
 
 def finished(df: pd.DataFrame) -> pd.DataFrame:
@@ -47,8 +47,8 @@ def pareto_table(df: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Data
 
 
 def method_columns(df: pd.DataFrame) -> list[str]:
-    """The searched columns with a value somewhere (blank columns are dropped from terminal tables)."""
-    return [c for c in df.columns if c not in BASE_COLUMNS + METRIC_COLUMNS and df[c].notna().any()]
+    """The searched dotted parameters (train.lr, kd.alpha, ...) that have a value somewhere."""
+    return [c for c in df.columns if "." in c and c not in BASE_COLUMNS and df[c].notna().any()]
 
 
 def kd_gain_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -104,3 +104,21 @@ def show(df: pd.DataFrame, columns: list[str]) -> str:
         return "  (none)"
     shown = df[[c for c in columns if c in df.columns]]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict) -> str:
+    """The end-of-sweep tables: the front, the KD gain, and how many trials each status had."""
+    confirmed = "test_acc_std" in front.columns
+    columns = (["loss"] + method_columns(front) + ["student.arch", "width", "params", "val_acc", "test_acc"]
+               + (["test_acc_std", "seeds"] if confirmed else []))
+    excluded = {k: v for k, v in counts.items() if k != "FINISHED"}
+    note = "; ".join(f"{v} {k.lower()} excluded" for k, v in sorted(excluded.items()))
+    title = "confirmed means over fresh seeds" if confirmed else "search trials"
+    return "\n".join([
+        f"\nPareto-optimal students ({title}; {counts.get('FINISHED', 0)} finished search trials{'; ' + note if note else ''}):",
+        show(front, columns),
+        "\nKD gain per student size (" + ("paired over seeds, 95% interval" if "verdict" in gain.columns
+                                           else "best baseline vs best distilled, chosen on val_acc") + "):",
+        show(gain, list(gain.columns)),
+        "\nstatus: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+    ])

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+import pandas as pd
 
-from kdtune import results, tracking
+from kdtune import confirm, results, tracking
 from kdtune.datasets import load_splits
 from kdtune.distill import METHODS
 from kdtune.models import has_maps
@@ -16,7 +17,9 @@ from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import spec_to_dict
 from kdtune.sweep import Options, init_ray, log, versions
 from kdtune.teacher import FORWARD_PASSES, compute_targets, get_teacher
+from kdtune.tracking import TrackingError
 from kdtune.trial import SweepData
+from kdtune.tuning import SweepContext
 
 SWEEP_STATE = "sweep.json"
 
@@ -54,8 +57,6 @@ def _storage(spec, options: Options) -> str:
 def run_sweep(spec, options: Options) -> int:
     from mlflow.tracking import MlflowClient
 
-    from kdtune.search import collect, run_search
-
     started = time.time()
     out_dir = Path(options.results_dir) / spec.name
     uri = tracking.absolute_uri(options.tracking_uri or spec.mlflow.tracking_uri)
@@ -65,34 +66,24 @@ def run_sweep(spec, options: Options) -> int:
     data, teacher_info = prepare(spec, space)
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, spec.name)
-    state_path = out_dir / SWEEP_STATE
-    if options.resume:
-        if not state_path.is_file():
-            from kdtune.spec import SpecError
-            raise SpecError("", f"--resume: no interrupted sweep in {out_dir} (no {SWEEP_STATE})")
-        parent_id = json.loads(state_path.read_text())["parent_run_id"]
-        client.update_run(parent_id, status="RUNNING")
-        log(f"resuming sweep; MLflow parent run {parent_id}")
-    else:
-        parent_id = tracking.start_parent(client, exp_id, spec_dict)
-        results.write_json({"parent_run_id": parent_id, "experiment_id": exp_id, "storage": _storage(spec, options),
-                            "tracking_uri": uri}, state_path)
+    parent_id = _parent_run(client, exp_id, spec_dict, out_dir, _storage(spec, options), uri, options.resume)
     log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
-    temp_dir = init_ray(options.address or spec.ray.address)
-    status, teacher_done = "FAILED", time.time()
+    status, teacher_done, temp_dir = "FAILED", time.time(), None
     try:
-        outcome = run_search(spec, space, data, uri, exp_id, parent_id, _storage(spec, options), options.resume)
-        status = "KILLED" if outcome.interrupted else "FINISHED"
-        trials = collect(outcome.grid, space, spec, "search")
-        report(spec, space, trials, out_dir, client, parent_id, {
+        temp_dir = init_ray(options.address or spec.ray.address)
+        ctx = SweepContext(spec_dict, uri, exp_id, parent_id)
+        trials = _search_and_confirm(spec, space, data, ctx, client, _storage(spec, options), options.resume)
+        interrupted = bool((trials["status"] == "KILLED").any())
+        status = "KILLED" if interrupted else "FINISHED"
+        report(spec, trials, out_dir, client, parent_id, {
             "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
             "teacher_forward_passes": dict(FORWARD_PASSES),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
-            "interrupted": outcome.interrupted})
-        if outcome.interrupted:
+            "interrupted": interrupted})
+        if interrupted:
             log(f"interrupted: partial results written to {out_dir}/. Resume with: "
-                f"python -m kdtune.sweep <spec> --resume --results-dir {options.results_dir}")
+                f"python -m kdtune.sweep SPEC --resume --results-dir {options.results_dir} (and the same --set options)")
     finally:
         import ray
 
@@ -106,27 +97,71 @@ def run_sweep(spec, options: Options) -> int:
     return 130 if status == "KILLED" else 0
 
 
-def report(spec, space, trials, out_dir: Path, client, parent_id: str, summary: dict) -> None:
-    objectives = [(o.metric, o.mode) for o in spec.search.objectives]
-    front = results.pareto_table(trials, objectives)
-    gain = results.kd_gain_table(trials)
-    counts = trials["status"].value_counts().to_dict()
+def _parent_run(client, exp_id: str, spec_dict: dict, out_dir: Path, storage: str, uri: str, resume: bool) -> str:
+    """A new parent run (recorded in results/<name>/sweep.json), or on --resume the recorded one."""
+    state_path = out_dir / SWEEP_STATE
+    if resume:
+        if not state_path.is_file():
+            raise TrackingError(f"--resume: no interrupted sweep in {out_dir} (no {SWEEP_STATE})")
+        parent_id = json.loads(state_path.read_text())["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+        log("resuming the interrupted sweep")
+        return parent_id
+    parent_id = tracking.start_parent(client, exp_id, spec_dict)
+    results.write_json({"parent_run_id": parent_id, "experiment_id": exp_id, "storage": storage,
+                        "tracking_uri": uri}, state_path)
+    return parent_id
+
+
+def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bool) -> pd.DataFrame:
+    """Both phases' trials in the trials.csv layout; confirmation only after a complete search."""
+    from kdtune.search import collect, configs, run_confirm, run_search
+
+    columns = space.columns + ["seed", "source_trial"]
+    grid = run_search(spec, space, data, ctx, storage, resume)
+    trials = collect(grid, columns, spec, "search", tracking.ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
+    if spec.search.confirm_seeds == 0 or (trials["status"] == "KILLED").any():
+        return trials
+    picks = confirm.candidates(trials, objectives(spec))
+    by_trial = configs(grid)
+    points = [{**by_trial[tid], "seed": seed, "source_trial": tid}
+              for tid in picks["trial_id"] for seed in confirm.seeds(spec.seed, spec.search.confirm_seeds)]
+    log(f"confirming {len(picks)} configurations with {spec.search.confirm_seeds} fresh seeds each ({len(points)} runs)")
+    grid = run_confirm(spec, data, replace(ctx, phase="confirm"), storage, points, resume)
+    reruns = collect(grid, columns, spec, "confirm", tracking.ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
+    return pd.concat([trials, reruns], ignore_index=True)
+
+
+def objectives(spec) -> list[tuple[str, str]]:
+    return [(o.metric, o.mode) for o in spec.search.objectives]
+
+
+def tables(spec, trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(front, KD gain): on confirmed means when confirmation ran, else on the search trials."""
+    reruns = trials[trials["phase"] == "confirm"]
+    if reruns.empty:
+        return results.pareto_table(trials, objectives(spec)), results.kd_gain_table(trials)
+    picks = confirm.candidates(trials, objectives(spec))
+    means = confirm.confirmed_means(reruns, picks)
+    return confirm.confirmed_front(means, objectives(spec)), confirm.gain_table(reruns, picks)
+
+
+def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -> None:
+    front, gain = tables(spec, trials)
+    search_front = results.pareto_table(trials, objectives(spec))
+    trials = trials.assign(search_front=trials["trial_id"].isin(search_front["trial_id"]) & (trials["phase"] == "search"))
+    counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
     summary.update({"trials": counts, "front": front.to_dict("records"), "kd_gain": gain.to_dict("records")})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
-    results.plot_pareto(trials, front, out_dir / "pareto.png", objectives[0][0] if objectives[0][0] != "params" else "val_acc")
+    metric = next((m for m, _ in objectives(spec) if m != "params"), "val_acc")
+    results.plot_pareto(trials, front, out_dir / "pareto.png", metric)
     results.write_json(summary, out_dir / "summary.json")
     for name in ("trials.csv", "pareto.csv", "pareto.png", "summary.json"):
         client.log_artifact(parent_id, str(out_dir / name))
-    finished = results.finished(trials)
+    finished = results.finished(trials[trials["phase"] == "search"])
     if not finished.empty:
         client.log_metric(parent_id, "best_val_acc", float(finished["val_acc"].max()))
     client.log_metric(parent_id, "trials_finished", len(finished))
-    columns = ["loss"] + results.method_columns(front) + ["student.arch", "width", "params", "val_acc", "test_acc"]
-    stopped = counts.get("STOPPED", 0)
-    print(f"\nPareto-optimal students ({len(front)} of {len(finished)} finished trials"
-          f"{f'; {stopped} early-stopped trials excluded' if stopped else ''}):")
-    print(results.show(front, columns))
-    print("\nKD gain per student size (best baseline vs best distilled, chosen on val_acc):")
-    print(results.show(gain, list(gain.columns)))
-    print(f"\nstatus: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; files in {out_dir}/")
+    print(results.terminal_report(front, gain, counts))
+    print(f"files in {out_dir}/")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import optuna
 import pandas as pd
@@ -11,17 +10,11 @@ from ray.tune.schedulers import ASHAScheduler
 
 from kdtune import results
 from kdtune.space import SearchSpace, resolve
-from kdtune.spec import spec_to_dict
-from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, trainable, trial_status
+from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, trainable
 
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
             "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler}
-
-
-@dataclass
-class SearchOutcome:
-    grid: object
-    interrupted: bool
 
 
 def _trainable(spec, data, ctx):
@@ -29,38 +22,66 @@ def _trainable(spec, data, ctx):
                                {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def run_search(spec, space: SearchSpace, data, uri, exp_id, parent_id, storage, resume: bool) -> SearchOutcome:
-    ctx = SweepContext(spec_to_dict(spec), uri, exp_id, parent_id, "search")
-    path = f"{storage}/tune"
-    if resume:
-        tuner = tune.Tuner.restore(path, trainable=_trainable(spec, data, ctx), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=True)
-    else:
-        objectives = spec.search.objectives
-        baselines = space.baseline_points() if spec.search.baselines else []
-        total = spec.search.num_samples + len(baselines)
-        metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
-        searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
-                                  mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,
-                                  sampler=SAMPLERS[spec.search.sampler](seed=spec.seed), epochs=spec.train.epochs)
-        accuracy = next((o for o in objectives if o.metric in ("val_acc", "val_loss")), objectives[0])
-        scheduler = None
-        if spec.search.scheduler:
-            scheduler = ASHAScheduler(metric=accuracy.metric, mode=accuracy.mode, time_attr="training_iteration",
-                                      max_t=spec.train.epochs, grace_period=spec.search.scheduler.grace_period,
-                                      reduction_factor=spec.search.scheduler.reduction_factor)
-        callback = TrackingCallback(ctx, spec.train.epochs, total, accuracy.metric, accuracy.mode)
-        tuner = tune.Tuner(
-            _trainable(spec, data, ctx),
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                        max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(name="tune", storage_path=storage, callbacks=[callback], verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    grid = tuner.fit()
-    unfinished = [r for r in grid if not r.error and not r.metrics.get("done")]
-    stopped_by_scheduler = spec.search.scheduler is not None
-    return SearchOutcome(grid, bool(unfinished) and not stopped_by_scheduler)
+def _run_config(spec, storage: str, name: str, callback) -> tune.RunConfig:
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
+def _restore(path: str, spec, data, ctx):
+    """Continue an interrupted phase: finished trials stay, unfinished resume, errored restart."""
+    return tune.Tuner.restore(path, trainable=_trainable(spec, data, ctx), resume_unfinished=True,
+                              resume_errored=False, restart_errored=True).fit()
+
+
+def _accuracy_objective(spec):
+    return next((o for o in spec.search.objectives if o.metric in ("val_acc", "val_loss")), spec.search.objectives[0])
+
+
+def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, resume: bool):
+    """The Optuna search through Ray Tune; with `resume`, the interrupted one continues."""
+    path = f"{storage}/search"
+    if resume and tune.Tuner.can_restore(path):
+        return _restore(path, spec, data, ctx)
+    objectives = spec.search.objectives
+    baselines = space.baseline_points() if spec.search.baselines else []
+    total = spec.search.num_samples + len(baselines)
+    metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
+    searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
+                              mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,
+                              sampler=SAMPLERS[spec.search.sampler](seed=spec.seed), epochs=spec.train.epochs)
+    accuracy = _accuracy_objective(spec)
+    scheduler = None
+    if spec.search.scheduler:
+        scheduler = ASHAScheduler(metric=accuracy.metric, mode=accuracy.mode, time_attr="training_iteration",
+                                  max_t=spec.train.epochs, grace_period=spec.search.scheduler.grace_period,
+                                  reduction_factor=spec.search.scheduler.reduction_factor)
+    callback = TrackingCallback(ctx, spec.train.epochs, total, accuracy.metric, accuracy.mode)
+    tuner = tune.Tuner(
+        _trainable(spec, data, ctx),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
+                                    max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
+        run_config=_run_config(spec, storage, "search", callback))
+    return tuner.fit()
+
+
+def run_confirm(spec, data, ctx: SweepContext, storage: str, points: list[dict], resume: bool):
+    """Retrain whole configurations with fresh seeds: a grid over the given points, no search."""
+    path = f"{storage}/confirm"
+    if resume and tune.Tuner.can_restore(path):
+        return _restore(path, spec, data, ctx)
+    accuracy = _accuracy_objective(spec)
+    callback = TrackingCallback(ctx, spec.train.epochs, len(points), accuracy.metric, accuracy.mode)
+    tuner = tune.Tuner(
+        _trainable(spec, data, ctx), param_space={"point": tune.grid_search(points)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
+        run_config=_run_config(spec, storage, "confirm", callback))
+    return tuner.fit()
+
+
+def configs(grid) -> dict[str, dict]:
+    """trial id -> the trial's flat config, to rerun it."""
+    return {_trial_id(r): dict(r.config) for r in grid}
 
 
 def _trial_id(result) -> str:
@@ -71,16 +92,20 @@ def _trial_id(result) -> str:
     return match.group(1) if match else str(result.path)
 
 
-def collect(grid, space: SearchSpace, spec, phase: str) -> pd.DataFrame:
-    """One row per trial of a ResultGrid, in the trials.csv layout."""
+def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """One row per trial of a ResultGrid, in the trials.csv layout. `ended` holds the statuses
+    the driver gave the trials' MLflow runs; a trial without one was interrupted."""
     rows = []
     for result in grid:
         metrics, config = result.metrics or {}, dict(result.config or {})
         config = config.get("point", config)
         plan = resolve(spec, config)
-        status, reason = trial_status(metrics, plan.spec.train.epochs, result.error is not None)
-        if result.error is not None:
-            reason = str(result.error).strip().splitlines()[-1][:300]
+        if metrics.get("mlflow_run_id") in ended:
+            status, reason = ended[metrics["mlflow_run_id"]]
+        elif result.error is not None:
+            status, reason = "FAILED", str(result.error).strip().splitlines()[-1][:300]
+        else:
+            status, reason = "KILLED", "interrupted"
         row = dict(config)
         row.update({"trial_id": _trial_id(result), "phase": phase, "loss": plan.method,
                     "student.arch": plan.spec.student.arch, "width": plan.spec.student.width,
@@ -89,4 +114,4 @@ def collect(grid, space: SearchSpace, spec, phase: str) -> pd.DataFrame:
                     "epochs": metrics.get("epoch", 0), "status": status, "reason": reason,
                     "mlflow_run_id": metrics.get("mlflow_run_id"), "node_id": metrics.get("node_id")})
         rows.append(row)
-    return results.trials_frame(rows, space.columns)
+    return results.trials_frame(rows, columns)

@@ -156,8 +156,9 @@ def _explain(error: dict) -> SpecError:
         return SpecError(path, f"unknown key; allowed keys here: {allowed}")
     if error["type"] == "missing":
         return SpecError(path, "required key is missing")
-    message = error["msg"].removeprefix("Value error, ")
-    return SpecError(path, f"{message} (got {error.get('input')!r})")
+    if error["msg"].startswith("Value error, "):  # our own validators (_one_of) already quote the value
+        return SpecError(path, error["msg"].removeprefix("Value error, "))
+    return SpecError(path, f"{error['msg']} (got {error.get('input')!r})")
 
 
 def validate(raw: Any) -> Spec:
@@ -165,7 +166,8 @@ def validate(raw: Any) -> Spec:
     from kdtune.space import parse_space  # space validation needs a validated spec to try values on
 
     if not isinstance(raw, dict):
-        raise SpecError("", f"the spec must be a YAML mapping of keys, not {type(raw).__name__}")
+        got = "an empty document" if raw is None else type(raw).__name__
+        raise SpecError("", f"the spec must be a YAML mapping of keys, not {got}")
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -181,7 +183,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise SpecError(key, f"value is not valid YAML: {exc}") from None
+        raise SpecError(key, f"value is not valid YAML: {_yaml_problem(exc)}") from None
     parts = key.split(".")
     if parts[:2] == ["search", "space"] and len(parts) > 2:  # space keys are dotted paths themselves
         rest = parts[2:]
@@ -195,27 +197,37 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts, value = _parse_override(item)
         node = raw
         for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent or null (e.g. `scheduler: null`): start a mapping
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise SpecError(".".join(parts[: i + 1]), "is not a mapping, so --set cannot go inside it")
         node[parts[-1]] = value
     return raw
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what kind, where, and the problem (safe_load refuses tags like !!python/...)."""
+    kind = "YAML tag not allowed" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{kind}{where}: {problem}"
+
+
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
     """Read, override and validate a spec file; every failure is a SpecError naming the file."""
     path = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError("", f"cannot read the spec file ({exc.strerror})", path) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError("", f"the spec file is not UTF-8 text (byte {exc.start})", path) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError("", f"YAML syntax error{where}: {problem}", path) from None
+        raise SpecError("", _yaml_problem(exc), path) from None
     try:
         if isinstance(raw, dict):
             raw = apply_overrides(raw, list(overrides))

@@ -87,7 +87,8 @@ def child_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, 
     """The trial's child run: the existing one for this trial id, else a new one."""
     found = client.search_runs([exp_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'",
                                max_results=1)
-    if found:
+    if found:  # a restarted trial keeps its run
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **tags})
     client.log_batch(run.info.run_id, params=_params(params))
@@ -115,3 +116,10 @@ def close_open_children(client: MlflowClient, exp_id: str, parent_id: str, statu
     for run in runs:
         end_run(client, run.info.run_id, status)
     return len(runs)
+
+
+def ended_statuses(client: MlflowClient, exp_id: str, parent_id: str) -> dict[str, tuple[str, str]]:
+    """run id -> (status, reason) of the sweep's child runs that the driver ended."""
+    runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000)
+    return {r.info.run_id: (r.data.tags["kdtune.status"], r.data.tags.get("kdtune.reason", ""))
+            for r in runs if "kdtune.status" in r.data.tags}

@@ -43,6 +43,7 @@ def trial_params(plan, config: dict) -> dict:
 def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     """Ray Tune function trainable: resume from a checkpoint if any, report every epoch."""
     spec = Spec.model_validate(ctx.spec_dict)
+    config = config.get("point", config)  # confirmation runs pass whole configs through grid_search
     plan = resolve(spec, config)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"

@@ -1,0 +1,91 @@
+"""Confirmation: retrain the front with fresh seeds, so the tables survive a rerun.
+
+A search's best trial is the maximum of many noisy draws. Each Pareto-optimal student
+size gets its best distilled and best baseline configuration retrained with
+`search.confirm_seeds` new seeds (init and data order); the final front uses the means,
+and the KD gain is a paired difference per seed with a 95% t-interval.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from kdtune.pareto import pareto_mask
+from kdtune.results import finished, pareto_table
+
+SIZE = ["student.arch", "width"]
+
+
+def candidates(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """Best baseline and best distilled search trial (on val_acc) at every student size on the front."""
+    done = finished(trials[trials["phase"] == "search"])
+    sizes = pareto_table(trials, objectives)[SIZE].drop_duplicates()
+    picks = []
+    for _, size in sizes.iterrows():
+        same = done[(done["student.arch"] == size["student.arch"]) & (done["width"] == size["width"])]
+        for group in (same[same["loss"] == "none"], same[same["loss"] != "none"]):
+            if not group.empty:
+                picks.append(group.loc[group["val_acc"].idxmax()])
+    return pd.DataFrame(picks).reset_index(drop=True)
+
+
+def seeds(base_seed: int, count: int) -> list[int]:
+    return [base_seed + 1 + i for i in range(count)]
+
+
+def paired_interval(differences) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences (NaN bounds with fewer than two)."""
+    d = np.asarray(differences, dtype=float)
+    mean = float(d.mean()) if len(d) else math.nan
+    if len(d) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float) -> str:
+    """Plain words for an interval; NaN bounds (one seed) are never a clear answer."""
+    if low > 0:
+        return "gain"
+    if high < 0:
+        return "loss"
+    return "no clear gain"
+
+
+def confirmed_means(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:
+    """One row per confirmed configuration: the search trial's columns with mean metrics over seeds."""
+    done = finished(runs)
+    grouped = done.groupby("source_trial").agg(val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
+                                               test_acc_std=("test_acc", "std"), seeds=("seed", "count"))
+    base = picks.drop(columns=["val_acc", "test_acc", "phase", "status", "reason", "mlflow_run_id", "node_id",
+                               "epochs", "seed", "source_trial"], errors="ignore")
+    merged = base.rename(columns={"trial_id": "source_trial"}).merge(grouped, on="source_trial")
+    return merged
+
+
+def confirmed_front(means: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    return means[pareto_mask(means, objectives)].sort_values("params").reset_index(drop=True)
+
+
+def gain_table(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:
+    """Per student size: distilled minus baseline test accuracy, paired by seed, with its interval."""
+    done = finished(runs)
+    rows = []
+    for (arch, width), group in picks.groupby(SIZE):
+        base, kd = group[group["loss"] == "none"], group[group["loss"] != "none"]
+        if base.empty or kd.empty:
+            continue
+        b_runs = done[done["source_trial"] == base.iloc[0]["trial_id"]].set_index("seed")["test_acc"]
+        k_runs = done[done["source_trial"] == kd.iloc[0]["trial_id"]].set_index("seed")["test_acc"]
+        paired = pd.concat([b_runs, k_runs], axis=1, keys=["base", "kd"]).dropna()
+        mean, low, high = paired_interval(paired["kd"] - paired["base"])
+        rows.append({"student.arch": arch, "width": width, "params": int(base.iloc[0]["params"]),
+                     "method": kd.iloc[0]["loss"],
+                     "baseline_test_acc": paired["base"].mean(), "baseline_std": paired["base"].std(),
+                     "kd_test_acc": paired["kd"].mean(), "kd_std": paired["kd"].std(),
+                     "gain": mean, "ci95_low": low, "ci95_high": high, "seeds": len(paired),
+                     "verdict": verdict(low, high)})
+    return pd.DataFrame(rows)

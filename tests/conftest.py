@@ -1,0 +1,36 @@
+"""Shared fixtures: a real MNIST root, a teacher cache shared by the session, and a CLI runner."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "search_spaces" / "mnist.yaml"
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A torchvision root that the real loader fills from kdtune's bundled MNIST .gz files."""
+    return tmp_path_factory.mktemp("mnist")
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("teacher-cache")
+
+
+@pytest.fixture
+def run_cli(mnist_root, teacher_cache):
+    """Run `python -m kdtune.sweep ...` in `cwd` with its own MLflow store and results dir."""
+    def run(args, cwd: Path, timeout=600, background=False):
+        env = {**os.environ, "KDTUNE_CACHE": str(teacher_cache), "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "kdtune.sweep", *map(str, args),
+                   "--results-dir", str(cwd / "results"), "--tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}",
+                   "--set", f"data.root={mnist_root}"]
+        if background:  # the caller signals and waits for it
+            return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run

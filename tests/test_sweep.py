@@ -1,0 +1,116 @@
+"""The whole pipeline: a --smoke sweep of search_spaces/mnist.yaml through real Ray, real
+MLflow (sqlite) and a real MNIST slice, checked through its files and its MLflow runs."""
+import json
+import math
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SPEC
+
+T_975_DF1 = 12.706204736174698  # Student's t quantile, 0.975, 1 degree of freedom (2 seeds)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, mnist_root, teacher_cache):
+    import os, subprocess, sys
+    cwd = tmp_path_factory.mktemp("smoke")
+    env = {**os.environ, "KDTUNE_CACHE": str(teacher_cache)}
+    done = subprocess.run([sys.executable, "-m", "kdtune.sweep", str(SPEC), "--smoke", "--results-dir", str(cwd / "results"),
+                           "--tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}", "--set", f"data.root={mnist_root}"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = cwd / "results" / "mnist-kd"
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-kd")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return {"out": out, "stdout": done.stdout, "client": client, "runs": runs,
+            "trials": pd.read_csv(out / "trials.csv"), "summary": json.loads((out / "summary.json").read_text())}
+
+
+def test_result_files_and_terminal_tables(smoke):
+    out, trials = smoke["out"], smoke["trials"]
+    for column in ["trial_id", "loss", "width", "train.lr", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta",
+                   "crd.beta", "params", "val_acc", "test_acc", "epochs", "status", "mlflow_run_id"]:
+        assert column in trials.columns
+    search = trials[trials["phase"] == "search"]
+    assert len(search) == 4 + 5  # num_samples in --smoke, plus loss=none at each of the 5 widths
+    assert set(search[search["loss"] == "none"]["width"]) == {16, 32, 64, 128, 256}
+    # a parameter is blank where it does not apply
+    assert search[search["loss"] != "kd"]["kd.temperature"].isna().all()
+    assert (search["status"] == "FINISHED").all() and (search["epochs"] == 1).all()
+    assert (search["val_acc"] > 0.1).all()
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = smoke["summary"]
+    assert {"spec", "versions", "teacher", "wall_seconds", "front", "kd_gain"} <= set(summary)
+    assert summary["spec"]["data"]["train_limit"] == 5000 and summary["versions"]["torch"]
+    assert 0.5 < summary["teacher"]["test_acc"] <= 1 and summary["teacher"]["params"] == 1_199_882
+    assert "Pareto-optimal students" in smoke["stdout"] and "KD gain" in smoke["stdout"]
+
+
+def test_mlflow_parent_and_child_runs(smoke):
+    runs, trials, client = smoke["runs"], smoke["trials"], smoke["client"]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["search.num_samples"] == "4"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "pareto.csv", "pareto.png", "summary.json"} <= artifacts
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert sorted(r.info.run_id for r in children) == sorted(trials["mlflow_run_id"])
+    assert all(r.info.status in ("FINISHED", "FAILED", "KILLED") for r in runs)
+    for run in children:
+        assert {"val_acc", "test_acc", "params", "extra_params", "loss_ce"} <= set(run.data.metrics)
+        assert {"loss", "width", "student.arch"} <= set(run.data.params)
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1  # one per epoch
+    kd_like = [r for r in children if r.data.params["loss"] in ("kd", "fitnet", "rkd", "crd")]
+    for run in kd_like:  # each method's own loss terms are logged next to CE
+        assert len([m for m in run.data.metrics if m.startswith("loss_")]) >= 2
+
+
+def test_teacher_outputs_computed_once_per_split(smoke):
+    assert smoke["summary"]["teacher_forward_passes"] == {"train": 1, "test": 1}
+    children = [r for r in smoke["runs"] if "mlflow.parentRunId" in r.data.tags]
+    assert all(r.data.metrics["teacher_live_batches"] == 0 for r in children)
+
+
+def test_confirmation_runs_and_interval_arithmetic(smoke):
+    trials, runs = smoke["trials"], smoke["runs"]
+    reruns = trials[trials["phase"] == "confirm"]
+    assert len(reruns) > 0 and set(reruns["seed"]) == {1, 2}  # spec seed 0 -> fresh seeds 1, 2
+    tagged = [r for r in runs if r.data.tags.get("kdtune.phase") == "confirm"]
+    assert sorted(r.info.run_id for r in tagged) == sorted(reruns["mlflow_run_id"])
+    sources = trials.set_index("trial_id").loc[reruns["source_trial"].unique()]
+    assert (sources["phase"] == "search").all()
+    gain = pd.read_csv(smoke["out"] / "summary.json") if False else pd.DataFrame(smoke["summary"]["kd_gain"])
+    assert len(gain) > 0
+    for _, row in gain.iterrows():
+        size = reruns[(reruns["student.arch"] == row["student.arch"]) & (reruns["width"] == row["width"])]
+        base = size[size["loss"] == "none"].set_index("seed")["test_acc"]
+        kd = size[size["loss"] != "none"].set_index("seed")["test_acc"]
+        diffs = [kd[s] - base[s] for s in (1, 2)]
+        mean = (diffs[0] + diffs[1]) / 2
+        sd = abs(diffs[0] - diffs[1]) / math.sqrt(2)
+        half = T_975_DF1 * sd / math.sqrt(2)
+        assert row["gain"] == pytest.approx(mean, abs=1e-12)
+        assert row["ci95_low"] == pytest.approx(mean - half, abs=1e-9)
+        assert row["ci95_high"] == pytest.approx(mean + half, abs=1e-9)
+        expected = "gain" if mean - half > 0 else "loss" if mean + half < 0 else "no clear gain"
+        assert row["verdict"] == expected
+
+
+def test_confirmed_front_is_non_dominated(smoke):
+    front = pd.read_csv(smoke["out"] / "pareto.csv")
+    reruns = smoke["trials"][smoke["trials"]["phase"] == "confirm"]
+    means = reruns.groupby("source_trial").agg(val_acc=("val_acc", "mean"), params=("params", "first"))
+    assert len(front) >= 1
+    for _, point in front.iterrows():
+        assert point["val_acc"] == pytest.approx(means.loc[point["source_trial"], "val_acc"])
+        dominated = ((means["val_acc"] >= point["val_acc"]) & (means["params"] <= point["params"])
+                     & ((means["val_acc"] > point["val_acc"]) | (means["params"] < point["params"])))
+        assert not dominated.any()
+    others = means.drop(index=front["source_trial"])
+    for _, other in others.iterrows():
+        assert any((p["val_acc"] >= other["val_acc"]) and (p["params"] <= other["params"]) for _, p in front.iterrows())
