@@ -10,7 +10,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from kdtune import results
 from kdtune.space import SearchSpace, resolve
-from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, trainable
+from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
@@ -103,7 +103,7 @@ def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[s
         if metrics.get("mlflow_run_id") in ended:
             status, reason = ended[metrics["mlflow_run_id"]]
         elif result.error is not None:
-            status, reason = "FAILED", str(result.error).strip().splitlines()[-1][:300]
+            status, reason = "FAILED", error_summary(result.error)
         else:
             status, reason = "KILLED", "interrupted"
         row = dict(config)

@@ -87,10 +87,13 @@ def child_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, 
     """The trial's child run: the existing one for this trial id, else a new one."""
     found = client.search_runs([exp_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'",
                                max_results=1)
-    if found:  # a restarted trial keeps its run
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **tags})
+    if found:  # a restarted trial keeps its run, and the run counts the starts
+        run_id = found[0].info.run_id
+        client.set_tag(run_id, "kdtune.starts", int(found[0].data.tags.get("kdtune.starts", 1)) + 1)
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, "kdtune.starts": "1", **tags})
     client.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id
 

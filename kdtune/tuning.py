@@ -90,6 +90,12 @@ class KDOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
+def error_summary(error) -> str:
+    """The last line of an error's trace: the exception and its message."""
+    lines = [line for line in str(error or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:500] if lines else "error"
+
+
 def trial_status(result: dict | None, epochs: int, error: bool) -> tuple[str, str]:
     """(status, reason) of a trial, as trials.csv and MLflow show it."""
     if error:
@@ -156,5 +162,4 @@ class TrackingCallback(tune.Callback):
         self._finish(trial, error=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        message = str(trial.error_msg or "error").strip().splitlines()[-1] if getattr(trial, "error_msg", None) else "error"
-        self._finish(trial, error=True, reason=message)
+        self._finish(trial, error=True, reason=error_summary(trial.get_error()))

@@ -26,9 +26,9 @@ def run_cli(mnist_root, teacher_cache):
     """Run `python -m kdtune.sweep ...` in `cwd` with its own MLflow store and results dir."""
     def run(args, cwd: Path, timeout=600, background=False):
         env = {**os.environ, "KDTUNE_CACHE": str(teacher_cache), "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "kdtune.sweep", *map(str, args),
+        command = [sys.executable, "-m", "kdtune.sweep",  # the caller's args come last, so they win
                    "--results-dir", str(cwd / "results"), "--tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}",
-                   "--set", f"data.root={mnist_root}"]
+                   "--set", f"data.root={mnist_root}", *map(str, args)]
         if background:  # the caller signals and waits for it
             return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)

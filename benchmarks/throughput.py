@@ -1,0 +1,339 @@
+"""Throughput of kdtune's training path against the tutorial loop, the compute floor and Ray Tune.
+
+    python benchmarks/throughput.py --data-root DIR [--quick] [--trials N] [--out FILE]
+
+Measures, in one run on the same data, machine and torch thread setting:
+  1. seconds per KD-student epoch: the tutorial-style loop (torchvision DataLoader, teacher forward
+     on every batch) vs kdtune's `run_trial` with the teacher logits cached once;
+  2. a bare in-memory tensor loop of the same student without distillation (the compute floor)
+     vs kdtune's KD trial epoch (the two interleaved epoch by epoch);
+  3. N trials through kdtune's real Ray Tune path (`kdtune.search.run_search`: its trainable,
+     OptunaSearch, reuse_actors=True, MLflow in a temp sqlite store) vs the same N configs run
+     back to back in this process with `run_trial`.
+Prints the ratios and writes them as JSON. Times are wall-clock; the process CPU time of the
+single-process loops is recorded too, as a cross-check that does not move with other load on
+the machine. The teacher (mnist_cnn) is untrained: a random-init net costs the same per forward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kdtune.datasets import DATASETS, batches, load_splits
+from kdtune.models import build_model, count_params
+from kdtune.space import parse_space, resolve
+from kdtune.spec import spec_to_dict, validate
+from kdtune.teacher import compute_targets
+from kdtune.trial import SweepData, run_trial
+
+BATCH, LR, WIDTH, VAL_SIZE, SEED = 64, 1e-3, 128, 5000, 0
+TEMPERATURE, ALPHA = 4.0, 0.9  # kdtune's KD defaults, used by every KD loop here
+QUICK_FRACTION = 0.1
+TARGETS = {"tutorial_over_kdtune_min": 30.0, "kdtune_over_floor_max": 1.5, "tune_overhead_per_trial_s_max": 1.5}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", required=True, help="MNIST goes to DIR/MNIST/raw (unpacked from kdtune's bundled copy)")
+    parser.add_argument("--out", default="benchmarks/results.json", help="JSON results (default: benchmarks/results.json)")
+    parser.add_argument("--trials", type=int, default=8, help="trials in the Tune comparison (default 8)")
+    parser.add_argument("--trial-epochs", type=int, default=2, help="epochs per trial in the Tune comparison (default 2)")
+    parser.add_argument("--epochs", type=int, default=5, help="KD-trial and floor epochs; the median is reported (default 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for every measured loop (default 1: what a kdtune trial with resources.cpu=1 uses)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"time the tutorial loop on {QUICK_FRACTION:.0%} of an epoch and extrapolate")
+    return parser.parse_args(argv)
+
+
+class Clock:
+    """Wall and process-CPU seconds since construction."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def make_spec(args, trials: int = 1, epochs: int | None = None):
+    return validate({
+        "name": "throughput", "seed": SEED,
+        "data": {"dataset": "mnist", "root": args.data_root, "val_size": VAL_SIZE},
+        "teacher": {"arch": "mnist_cnn"},
+        "student": {"arch": "mlp", "width": WIDTH},
+        "train": {"epochs": epochs or args.epochs, "batch_size": BATCH, "optimizer": "adam", "lr": LR},
+        "search": {"space": {"loss": {"kd": {"temperature": {"loguniform": [1, 20]}, "alpha": {"uniform": [0.1, 0.99]}}}},
+                   "num_samples": trials, "max_concurrent": 1, "baselines": False, "scheduler": None, "sampler": "tpe"},
+        "resources": {"cpu": float(args.threads), "gpu": 0.0},
+    })
+
+
+def tutorial_epoch(args, splits, teacher) -> dict:
+    """The PyTorch KD tutorial's loop: a DataLoader over torchvision's MNIST with ToTensor+Normalize,
+    the teacher's forward on every batch, soft-target KL + label CE, Adam."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    info = DATASETS["mnist"]
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+    full = datasets.MNIST(args.data_root, train=True, download=False, transform=transform)
+    # the same 55,000 images as kdtune's train split (load_splits' seeded permutation)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SEED))
+    train = Subset(full, order[VAL_SIZE:].sort().values.tolist())
+    assert len(train) == len(splits.train_y) and torch.allclose(train[0][0], splits.train_x[0], atol=1e-5)
+    torch.manual_seed(SEED)
+    loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=0)
+    student = build_model("mlp", splits.in_shape, splits.num_classes, WIDTH)
+    optimizer = torch.optim.Adam(student.parameters(), lr=LR)
+    teacher.eval()
+    student.train()
+
+    def step(inputs, labels):
+        optimizer.zero_grad()
+        with torch.no_grad():
+            teacher_logits = teacher(inputs).logits
+        student_logits = student(inputs).logits
+        soft_targets = F.softmax(teacher_logits / TEMPERATURE, dim=-1)
+        soft_prob = F.log_softmax(student_logits / TEMPERATURE, dim=-1)
+        soft_loss = torch.sum(soft_targets * (soft_targets.log() - soft_prob)) / soft_prob.size(0) * TEMPERATURE ** 2
+        loss = ALPHA * soft_loss + (1 - ALPHA) * F.cross_entropy(student_logits, labels)
+        loss.backward()
+        optimizer.step()
+
+    for i, (inputs, labels) in enumerate(loader):  # warm-up, untimed
+        step(inputs, labels)
+        if i == 2:
+            break
+    limit = max(1, round(QUICK_FRACTION * len(loader))) if args.quick else len(loader)
+    clock = Clock()
+    for i, (inputs, labels) in enumerate(loader):
+        if i == limit:
+            break
+        step(inputs, labels)
+    wall, cpu = clock.lap()
+    scale = len(loader) / limit
+    return {"seconds_per_epoch": wall * scale, "cpu_seconds_per_epoch": cpu * scale, "batches_timed": limit,
+            "batches_per_epoch": len(loader), "extrapolated": limit < len(loader), "measured_seconds": wall}
+
+
+def floor_epoch(student, optimizer, splits, generator) -> tuple[float, float]:
+    """The compute floor: the same student on in-memory tensors, permuted indices, CE, no distillation."""
+    clock = Clock()
+    for idx in batches(len(splits.train_y), BATCH, generator):
+        loss = F.cross_entropy(student(splits.train_x[idx]).logits, splits.train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return clock.lap()
+
+
+def kd_and_floor(args, data: SweepData) -> dict[str, list[float]]:
+    """kdtune's KD trial epochs and floor epochs, interleaved: one floor epoch runs in the report
+    callback after each KD epoch. KD wall time is kdtune's own `epoch_seconds` (which includes
+    its validation pass); its CPU time is the process time between two callbacks."""
+    torch.manual_seed(SEED)
+    student = build_model("mlp", data.splits.in_shape, data.splits.num_classes, WIDTH)
+    optimizer = torch.optim.Adam(student.parameters(), lr=LR, fused=True)  # what kdtune's trial uses for adam
+    generator = torch.Generator().manual_seed(SEED)
+    out = {"kd": [], "kd_cpu": [], "floor": [], "floor_cpu": []}
+    since = [time.process_time()]
+
+    def report(metrics, _get_state):
+        out["kd"].append(metrics["epoch_seconds"])
+        out["kd_cpu"].append(time.process_time() - since[0])
+        wall, cpu = floor_epoch(student, optimizer, data.splits, generator)
+        out["floor"].append(wall)
+        out["floor_cpu"].append(cpu)
+        since[0] = time.process_time()
+
+    run_trial(resolve(make_spec(args), {"loss": "kd"}), data, report)
+    return out
+
+
+def tune_vs_sequential(args, data: SweepData) -> dict:
+    """N trials through kdtune's Tune path, then the same N configs back to back with `run_trial`."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from kdtune import tracking
+    from kdtune.search import run_search
+    from kdtune.sweep import init_ray
+    from kdtune.tuning import SweepContext
+
+    spec = make_spec(args, trials=args.trials, epochs=args.trial_epochs)
+    workdir = tempfile.mkdtemp(prefix="kdtune-bench-")
+    ray_temp = None
+    try:
+        uri = f"sqlite:///{workdir}/mlflow.db"
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # the new store's table-creation notices
+        client = MlflowClient(uri)
+        exp_id = tracking.experiment_id(client, spec.name)
+        parent_id = tracking.start_parent(client, exp_id, spec_to_dict(spec))
+        clock = Clock()
+        ray_temp = init_ray(None)
+        ray_init = clock.lap()[0]
+        ctx = SweepContext(spec_to_dict(spec), uri, exp_id, parent_id)
+        started, clock = time.time(), Clock()
+        grid = run_search(spec, parse_space(spec), data, ctx, f"{workdir}/ray", resume=False)
+        tune_wall = clock.lap()[0]
+        results = sorted(grid, key=lambda r: r.metrics.get("timestamp", 0))
+        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(results)} Tune trial(s) failed: {errors[0]}")
+        tracking.end_run(client, parent_id, "FINISHED")
+        configs = [dict(r.config) for r in results]
+        in_trial = [r.metrics["time_total_s"] for r in results]  # the trainable's start to its last report
+        tune_epochs = [float(r.metrics_dataframe["epoch_seconds"].sum()) for r in results]
+        ends = [r.metrics["timestamp"] for r in results]  # Ray's whole-second time of each trial's last report
+    finally:
+        ray.shutdown()
+        for folder in (workdir, ray_temp):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+    seq_walls, seq_epochs = [], []
+    for config in configs:
+        epochs, clock = [], Clock()
+        run_trial(resolve(spec, config), data, lambda metrics, get_state: epochs.append(metrics["epoch_seconds"]))
+        seq_walls.append(clock.lap()[0])
+        seq_epochs.append(sum(epochs))
+    n, sequential = len(configs), sum(seq_walls)
+    around = [t - e for t, e in zip(in_trial, tune_epochs)]  # trainable setup, MLflow run, reports, checkpoints
+    seq_around = sum(w - e for w, e in zip(seq_walls, seq_epochs))
+    return {"trials": n, "epochs_per_trial": args.trial_epochs, "max_concurrent_trials": 1,
+            "ray_init_seconds": ray_init, "tune_wall_seconds": tune_wall, "sequential_wall_seconds": sequential,
+            "overhead_per_trial_seconds": (tune_wall - sequential) / n,
+            "overhead_per_trial_with_ray_init_seconds": (tune_wall + ray_init - sequential) / n,
+            "breakdown_seconds": {  # the three parts sum to tune_wall - sequential
+                "outside_trials": tune_wall - sum(in_trial),
+                "around_epochs_in_trials_beyond_sequential": sum(around) - seq_around,
+                "epochs_slower_in_tune": sum(tune_epochs) - sum(seq_epochs),
+                "before_first_trial_approx": ends[0] - in_trial[0] - started,
+                "first_trial_around_epochs_beyond_median": around[0] - statistics.median(around[1:]) if n > 1 else 0.0,
+                "median_around_epochs_per_trial": statistics.median(around),
+                "sequential_around_epochs_per_trial": seq_around / n,
+                "steady_gap_between_trials_approx": (ends[-1] - ends[0] - sum(in_trial[1:])) / (n - 1) if n > 1 else 0.0},
+            "per_trial_seconds": {"tune_in_trial": in_trial, "tune_epochs": tune_epochs,
+                                  "sequential_wall": seq_walls, "sequential_epochs": seq_epochs}}
+
+
+def fmt(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    print(f"torch threads: {torch.get_num_threads()} in every measured loop (Tune trials get resources.cpu={args.threads}, "
+          "which kdtune's trainable turns into the same torch.set_num_threads); DataLoader num_workers=0")
+
+    clock = Clock()
+    splits = load_splits("mnist", args.data_root, VAL_SIZE, SEED)
+    load_seconds = clock.lap()[0]
+    torch.manual_seed(SEED)
+    teacher = build_model("mnist_cnn", splits.in_shape, splits.num_classes).eval().requires_grad_(False)
+    clock = Clock()
+    targets, _ = compute_targets(teacher, splits.train_x, ["logits"], budget_mb=1024, batch_size=BATCH)
+    targets_seconds = clock.lap()[0]
+    data = SweepData(splits, targets, "mnist_cnn", teacher.state_dict())
+    student_params = count_params(build_model("mlp", splits.in_shape, splits.num_classes, WIDTH))
+    print(f"data: MNIST train split {len(splits.train_y):,} images (val {len(splits.val_y):,}), loaded in {load_seconds:.1f}s; "
+          f"batch {BATCH}; student mlp 784-{WIDTH}-{WIDTH // 2}-10 ({student_params:,} params); Adam lr {LR:g}; "
+          f"KD T={TEMPERATURE:g} alpha={ALPHA:g}")
+    print(f"teacher: mnist_cnn ({count_params(teacher):,} params), UNTRAINED (random init: the same cost per forward as "
+          f"trained weights); its train-set logits cached once in {targets_seconds:.1f}s (compute_targets, batch {BATCH}; a sweep does this once)")
+
+    print("\n[1] KD-student epoch: tutorial loop vs kdtune's trial path")
+    tutorial = tutorial_epoch(args, splits, teacher)
+    loops = kd_and_floor(args, data)
+    kd, floor = statistics.median(loops["kd"]), statistics.median(loops["floor"])
+    kd_cpu, floor_cpu = statistics.median(loops["kd_cpu"]), statistics.median(loops["floor_cpu"])
+    how = (f"EXTRAPOLATED from {tutorial['batches_timed']} of {tutorial['batches_per_epoch']} batches (--quick)"
+           if tutorial["extrapolated"] else f"1 full epoch, {tutorial['batches_per_epoch']} batches")
+    ratio1, ratio2 = tutorial["seconds_per_epoch"] / kd, kd / floor
+    ok1, ok2 = ratio1 >= TARGETS["tutorial_over_kdtune_min"], ratio2 <= TARGETS["kdtune_over_floor_max"]
+    print(f"  tutorial loop (torchvision MNIST + ToTensor/Normalize, DataLoader batch {BATCH}, teacher forward per batch):")
+    print(f"      {tutorial['seconds_per_epoch']:7.2f} s/epoch  [{how}; CPU {tutorial['cpu_seconds_per_epoch']:.2f} s]")
+    print(f"  kdtune run_trial, teacher logits cached (its epoch_seconds, incl. its val pass):")
+    print(f"      {kd:7.2f} s/epoch  [median of {len(loops['kd'])}: {fmt(loops['kd'])}; CPU median {kd_cpu:.2f} s]")
+    print(f"  ratio tutorial / kdtune: {ratio1:.1f}x  (CPU time: {tutorial['cpu_seconds_per_epoch'] / kd_cpu:.1f}x)  "
+          f"target >= {TARGETS['tutorial_over_kdtune_min']:g}x: {verdict(ok1)}")
+
+    print("\n[2] compute floor (same student, in-memory tensors, permuted indices, CE, fused Adam; no distillation)")
+    print(f"      {floor:7.2f} s/epoch  [median of {len(loops['floor'])}, interleaved with the KD epochs: "
+          f"{fmt(loops['floor'])}; CPU median {floor_cpu:.2f} s]")
+    print(f"  kdtune KD trial epoch: {kd:.2f} s/epoch")
+    print(f"  ratio kdtune / floor: {ratio2:.2f}x  (CPU time: {kd_cpu / floor_cpu:.2f}x)  "
+          f"target <= {TARGETS['kdtune_over_floor_max']:g}x: {verdict(ok2)}")
+
+    print(f"\n[3] {args.trials} trials x {args.trial_epochs} epochs through kdtune's Ray Tune path (run_search: its trainable, "
+          "OptunaSearch TPE, reuse_actors=True, MLflow sqlite in a temp dir, 1 trial at a time) "
+          "vs the same configs back to back in this process")
+    tune = tune_vs_sequential(args, data)
+    overhead, parts = tune["overhead_per_trial_seconds"], tune["breakdown_seconds"]
+    ok3 = overhead < TARGETS["tune_overhead_per_trial_s_max"]
+    print(f"  Ray Tune (Tuner + fit; Ray already up):  {tune['tune_wall_seconds']:6.1f} s wall")
+    print(f"  back to back with run_trial:             {tune['sequential_wall_seconds']:6.1f} s wall")
+    print(f"  ray.init (once per sweep, not above):    {tune['ray_init_seconds']:6.1f} s")
+    print(f"  overhead per trial: {overhead:.2f} s ({tune['overhead_per_trial_with_ray_init_seconds']:.2f} s counting ray.init)  "
+          f"target < {TARGETS['tune_overhead_per_trial_s_max']:g} s: {verdict(ok3)}")
+    print(f"  where the {tune['tune_wall_seconds'] - tune['sequential_wall_seconds']:.1f} s go (the three parts add up):")
+    print(f"    outside the trials (Tuner start, data to the object store, actor start, scheduling): "
+          f"{parts['outside_trials']:5.1f} s; of it ~{parts['before_first_trial_approx']:.0f} s before the first trial "
+          f"started, then ~{parts['steady_gap_between_trials_approx']:.1f} s between trials")
+    print(f"    around the epochs inside the trials (trainable setup, MLflow child run, reports, checkpoints): "
+          f"{parts['around_epochs_in_trials_beyond_sequential']:5.1f} s more than back to back; the first trial "
+          f"{parts['first_trial_around_epochs_beyond_median']:.1f} s more than the median, which is "
+          f"{parts['median_around_epochs_per_trial']:.2f} s/trial (back to back: {parts['sequential_around_epochs_per_trial']:.2f})")
+    print(f"    the training epochs, slower in the Ray worker than in this process: {parts['epochs_slower_in_tune']:5.1f} s")
+    per = tune["per_trial_seconds"]
+    print(f"  per trial, in run order: Tune in-trial {fmt(per['tune_in_trial'])} (epochs {fmt(per['tune_epochs'])}); "
+          f"back to back {fmt(per['sequential_wall'])} (epochs {fmt(per['sequential_epochs'])})")
+
+    load_end = os.getloadavg()
+    print(f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "loadavg_start": load_start, "loadavg_end": load_end},
+        "settings": {"torch_threads": args.threads, "batch_size": BATCH, "student": f"mlp 784-{WIDTH}-{WIDTH // 2}-10",
+                     "student_params": student_params, "optimizer": f"adam lr {LR:g}", "teacher": "mnist_cnn (untrained)",
+                     "train_images": len(splits.train_y), "dataloader_workers": 0, "quick": args.quick},
+        "setup_seconds": {"load_data": load_seconds, "teacher_targets": targets_seconds},
+        "tutorial": tutorial,
+        "kdtune_kd_epoch": {"median_seconds": kd, "epochs": loops["kd"], "median_cpu_seconds": kd_cpu, "cpu": loops["kd_cpu"]},
+        "floor_epoch": {"median_seconds": floor, "epochs": loops["floor"], "median_cpu_seconds": floor_cpu,
+                        "cpu": loops["floor_cpu"]},
+        "tune": tune,
+        "ratios": {"tutorial_over_kdtune": ratio1, "kdtune_over_floor": ratio2, "tune_overhead_per_trial_s": overhead},
+        "ratios_cpu_time": {"tutorial_over_kdtune": tutorial["cpu_seconds_per_epoch"] / kd_cpu,
+                            "kdtune_over_floor": kd_cpu / floor_cpu},
+        "targets": TARGETS,
+        "targets_met": {"tutorial_over_kdtune": ok1, "kdtune_over_floor": ok2, "tune_overhead_per_trial": ok3},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
