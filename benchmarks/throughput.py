@@ -130,10 +130,12 @@ def tutorial_epoch(args, splits, teacher) -> dict:
 
 
 def floor_epoch(student, optimizer, splits, generator) -> tuple[float, float]:
-    """The compute floor: the same student on in-memory tensors, permuted indices, CE, no distillation."""
+    """The compute floor: the same student on in-memory tensors, permuted indices, CE, no distillation.
+    Rows are gathered with index_select, as kdtune does (about twice as fast as x[idx] on CPU)."""
     clock = Clock()
     for idx in batches(len(splits.train_y), BATCH, generator):
-        loss = F.cross_entropy(student(splits.train_x[idx]).logits, splits.train_y[idx])
+        x, y = splits.train_x.index_select(0, idx), splits.train_y.index_select(0, idx)
+        loss = F.cross_entropy(student(x).logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
     print(f"  ratio tutorial / kdtune: {ratio1:.1f}x  (CPU time: {tutorial['cpu_seconds_per_epoch'] / kd_cpu:.1f}x)  "
           f"target >= {TARGETS['tutorial_over_kdtune_min']:g}x: {verdict(ok1)}")
 
-    print("\n[2] compute floor (same student, in-memory tensors, permuted indices, CE, fused Adam; no distillation)")
+    print("\n[2] compute floor (same student, in-memory tensors, permuted indices, index_select, CE, fused Adam; no distillation)")
     print(f"      {floor:7.2f} s/epoch  [median of {len(loops['floor'])}, interleaved with the KD epochs: "
           f"{fmt(loops['floor'])}; CPU median {floor_cpu:.2f} s]")
     print(f"  kdtune KD trial epoch: {kd:.2f} s/epoch")

@@ -70,13 +70,13 @@ def init_ray(address: str | None):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
-        # Token auth (Ray >= 2.5x): `ray start --head` turns it on when a token is at hand (RAY_AUTH_TOKEN,
-        # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and its processes inherit RAY_AUTH_MODE=token, but
-        # ray.init(address=...) sends the token only if RAY_AUTH_MODE=token. Do as the head does; an explicit
-        # RAY_AUTH_MODE (e.g. disabled) wins. A token sent to a cluster without auth is ignored.
-        token = (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                 or Path.home().joinpath(".ray", "auth_token").is_file())
-        if token and "RAY_AUTH_MODE" not in os.environ:
+        # Token auth (Ray >= 2.52): `ray start --head` turns it on when a token is at hand (RAY_AUTH_TOKEN,
+        # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but ray.init(address=...) sends the token only with
+        # RAY_AUTH_MODE=token. Do as the head does unless RAY_AUTH_MODE is set (e.g. disabled); a cluster
+        # without auth ignores the token.
+        has_token = (bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+                     or (Path.home() / ".ray" / "auth_token").is_file())
+        if has_token and "RAY_AUTH_MODE" not in os.environ:
             os.environ["RAY_AUTH_MODE"] = "token"
             ray._raylet.Config.initialize("")  # ray is imported already: make it re-read RAY_AUTH_MODE
         ray.init(address=address, **quiet)

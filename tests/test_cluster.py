@@ -31,7 +31,7 @@ HOST = "127.0.0.1"
 # A smaller slice than --smoke (the teacher trains on it first), and two trials at once on two 1-CPU nodes.
 SMALL = ["data.train_limit=2000", "data.val_size=500", "data.test_limit=500", "resources.cpu=1",
          "search.max_concurrent=2", "search.num_samples=2", "search.baselines=false", "search.confirm_seeds=0"]
-# Trials of ~20 s (8000 steps), far longer than the two nodes' trial actors start apart (5-10 s under
+# Trials of ~20 s (7500 steps), far longer than the two nodes' trial actors start apart (5-10 s under
 # load): Tune (reuse_actors) would else move the second trial onto the first node's actor once it is free.
 SPREAD = ["train.epochs=40", "train.batch_size=8"]
 
@@ -50,7 +50,7 @@ def free_ports(count: int) -> list[int]:
 def descendants(roots: list[int]) -> set[int]:
     """The roots and every process below them (from /proc), found before anything is killed."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
@@ -69,7 +69,7 @@ def descendants(roots: list[int]) -> set[int]:
 def mentioning(text: str) -> set[int]:
     """Processes whose command line holds `text` (the test's own temp dir: a job driver has its own session)."""
     pids = set()
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit() and int(entry) != os.getpid():
             try:
                 if text in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
@@ -129,15 +129,16 @@ def wait_for_nodes(cluster: Cluster, count: int, timeout: float = 90) -> set[str
     env = {**cluster.env, "RAY_AUTH_MODE": "token"}
     deadline = time.time() + timeout
     while True:
-        run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                             timeout=timeout + 60)
-        if run.returncode == 0:
-            alive = set(json.loads(run.stdout.strip().splitlines()[-1]))
-            if len(alive) >= count:
+        try:
+            run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                 timeout=timeout + 60)
+            output = f"{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+            if run.returncode == 0 and len(alive := set(json.loads(run.stdout.splitlines()[-1]))) >= count:
                 return alive
+        except subprocess.TimeoutExpired:
+            output = "probe timed out"
         if time.time() > deadline or any(p.poll() is not None for p in cluster.procs):
-            pytest.fail(f"cluster did not come up ({count} nodes):\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}\n"
-                        f"{cluster.logs()}")
+            pytest.fail(f"cluster did not come up ({count} nodes):\n{output}\n{cluster.logs()}")
         time.sleep(2)
 
 
