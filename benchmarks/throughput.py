@@ -11,7 +11,7 @@ Measures, in one run on the same data, machine and torch thread setting:
      OptunaSearch, reuse_actors=True, MLflow in a temp sqlite store) vs the same N configs run
      back to back in this process with `run_trial`.
 Prints the ratios and writes them as JSON. Times are wall-clock; the process CPU time of the
-single-process loops is recorded too, as a cross-check that does not move with other load on
+single-process loops is recorded too, as a cross-check that moves less with other load on
 the machine. The teacher (mnist_cnn) is untrained: a random-init net costs the same per forward.
 """
 from __future__ import annotations
@@ -81,52 +81,48 @@ def make_spec(args, trials: int = 1, epochs: int | None = None):
     })
 
 
-def tutorial_epoch(args, splits, teacher) -> dict:
+class TutorialLoop:
     """The PyTorch KD tutorial's loop: a DataLoader over torchvision's MNIST with ToTensor+Normalize,
-    the teacher's forward on every batch, soft-target KL + label CE, Adam."""
-    from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets, transforms
+    the teacher's forward on every batch, soft-target KL + label CE, Adam. `run(n)` times the
+    next n batches of one shuffled epoch."""
 
-    info = DATASETS["mnist"]
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
-    full = datasets.MNIST(args.data_root, train=True, download=False, transform=transform)
-    # the same 55,000 images as kdtune's train split (load_splits' seeded permutation)
-    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SEED))
-    train = Subset(full, order[VAL_SIZE:].sort().values.tolist())
-    assert len(train) == len(splits.train_y) and torch.allclose(train[0][0], splits.train_x[0], atol=1e-5)
-    torch.manual_seed(SEED)
-    loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=0)
-    student = build_model("mlp", splits.in_shape, splits.num_classes, WIDTH)
-    optimizer = torch.optim.Adam(student.parameters(), lr=LR)
-    teacher.eval()
-    student.train()
+    def __init__(self, args, splits, teacher):
+        from torch.utils.data import DataLoader, Subset
+        from torchvision import datasets, transforms
 
-    def step(inputs, labels):
-        optimizer.zero_grad()
+        info = DATASETS["mnist"]
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+        full = datasets.MNIST(args.data_root, train=True, download=False, transform=transform)
+        # the same 55,000 images as kdtune's train split (load_splits' seeded permutation)
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SEED))
+        train = Subset(full, order[VAL_SIZE:].sort().values.tolist())
+        assert len(train) == len(splits.train_y) and torch.allclose(train[0][0], splits.train_x[0], atol=1e-5)
+        torch.manual_seed(SEED)
+        self.loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=0)
+        self.teacher = teacher.eval()
+        self.student = build_model("mlp", splits.in_shape, splits.num_classes, WIDTH).train()
+        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=LR)
+        for _, batch in zip(range(3), self.loader):  # warm-up, untimed
+            self.step(*batch)
+        self.batches = iter(self.loader)
+
+    def step(self, inputs, labels):
+        self.optimizer.zero_grad()
         with torch.no_grad():
-            teacher_logits = teacher(inputs).logits
-        student_logits = student(inputs).logits
+            teacher_logits = self.teacher(inputs).logits
+        student_logits = self.student(inputs).logits
         soft_targets = F.softmax(teacher_logits / TEMPERATURE, dim=-1)
         soft_prob = F.log_softmax(student_logits / TEMPERATURE, dim=-1)
         soft_loss = torch.sum(soft_targets * (soft_targets.log() - soft_prob)) / soft_prob.size(0) * TEMPERATURE ** 2
         loss = ALPHA * soft_loss + (1 - ALPHA) * F.cross_entropy(student_logits, labels)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
 
-    for i, (inputs, labels) in enumerate(loader):  # warm-up, untimed
-        step(inputs, labels)
-        if i == 2:
-            break
-    limit = max(1, round(QUICK_FRACTION * len(loader))) if args.quick else len(loader)
-    clock = Clock()
-    for i, (inputs, labels) in enumerate(loader):
-        if i == limit:
-            break
-        step(inputs, labels)
-    wall, cpu = clock.lap()
-    scale = len(loader) / limit
-    return {"seconds_per_epoch": wall * scale, "cpu_seconds_per_epoch": cpu * scale, "batches_timed": limit,
-            "batches_per_epoch": len(loader), "extrapolated": limit < len(loader), "measured_seconds": wall}
+    def run(self, n: int) -> tuple[float, float]:
+        clock = Clock()
+        for _, batch in zip(range(n), self.batches):
+            self.step(*batch)
+        return clock.lap()
 
 
 def floor_epoch(student, optimizer, splits, generator) -> tuple[float, float]:
@@ -142,26 +138,38 @@ def floor_epoch(student, optimizer, splits, generator) -> tuple[float, float]:
     return clock.lap()
 
 
-def kd_and_floor(args, data: SweepData) -> dict[str, list[float]]:
-    """kdtune's KD trial epochs and floor epochs, interleaved: one floor epoch runs in the report
-    callback after each KD epoch. KD wall time is kdtune's own `epoch_seconds` (which includes
-    its validation pass); its CPU time is the process time between two callbacks."""
+def epochs_interleaved(args, data: SweepData, teacher) -> dict:
+    """kdtune's KD trial epochs, floor epochs and the tutorial epoch, interleaved so that other load
+    on the machine falls on all three alike: after each KD epoch, the report callback runs one
+    floor epoch and the next 1/`epochs` of the tutorial epoch. KD wall time is kdtune's own
+    `epoch_seconds` (it includes the validation pass); its CPU time is the process time between
+    two callbacks."""
+    tutorial = TutorialLoop(args, data.splits, teacher)
+    per_epoch = len(tutorial.loader)
+    timed = max(args.epochs, round(QUICK_FRACTION * per_epoch)) if args.quick else per_epoch
+    chunks = [len(c) for c in torch.arange(timed).tensor_split(args.epochs)]
     torch.manual_seed(SEED)
     student = build_model("mlp", data.splits.in_shape, data.splits.num_classes, WIDTH)
     optimizer = torch.optim.Adam(student.parameters(), lr=LR, fused=True)  # what kdtune's trial uses for adam
     generator = torch.Generator().manual_seed(SEED)
-    out = {"kd": [], "kd_cpu": [], "floor": [], "floor_cpu": []}
+    out = {"kd": [], "kd_cpu": [], "floor": [], "floor_cpu": [], "tutorial": [], "tutorial_cpu": []}
     since = [time.process_time()]
 
     def report(metrics, _get_state):
         out["kd"].append(metrics["epoch_seconds"])
         out["kd_cpu"].append(time.process_time() - since[0])
-        wall, cpu = floor_epoch(student, optimizer, data.splits, generator)
-        out["floor"].append(wall)
-        out["floor_cpu"].append(cpu)
+        for name, (wall, cpu) in (("floor", floor_epoch(student, optimizer, data.splits, generator)),
+                                  ("tutorial", tutorial.run(chunks[len(out["tutorial"])]))):
+            out[name].append(wall)
+            out[f"{name}_cpu"].append(cpu)
         since[0] = time.process_time()
 
     run_trial(resolve(make_spec(args), {"loss": "kd"}), data, report)
+    scale = per_epoch / timed
+    out["tutorial_epoch"] = {"seconds_per_epoch": sum(out["tutorial"]) * scale,
+                             "cpu_seconds_per_epoch": sum(out["tutorial_cpu"]) * scale,
+                             "batches_timed": timed, "batches_per_epoch": per_epoch, "extrapolated": timed < per_epoch,
+                             "chunks_seconds": out.pop("tutorial"), "chunks_cpu_seconds": out.pop("tutorial_cpu")}
     return out
 
 
@@ -264,13 +272,15 @@ def main(argv=None) -> int:
     print(f"teacher: mnist_cnn ({count_params(teacher):,} params), UNTRAINED (random init: the same cost per forward as "
           f"trained weights); its train-set logits cached once in {targets_seconds:.1f}s (compute_targets, batch {BATCH}; a sweep does this once)")
 
-    print("\n[1] KD-student epoch: tutorial loop vs kdtune's trial path")
-    tutorial = tutorial_epoch(args, splits, teacher)
-    loops = kd_and_floor(args, data)
+    print(f"\n[1] KD-student epoch: tutorial loop vs kdtune's trial path (the tutorial epoch is timed in {args.epochs} "
+          f"chunks, each after one kdtune KD epoch and one floor epoch)")
+    loops = epochs_interleaved(args, data, teacher)
+    tutorial = loops["tutorial_epoch"]
     kd, floor = statistics.median(loops["kd"]), statistics.median(loops["floor"])
     kd_cpu, floor_cpu = statistics.median(loops["kd_cpu"]), statistics.median(loops["floor_cpu"])
     how = (f"EXTRAPOLATED from {tutorial['batches_timed']} of {tutorial['batches_per_epoch']} batches (--quick)"
            if tutorial["extrapolated"] else f"1 full epoch, {tutorial['batches_per_epoch']} batches")
+    how += f"; chunks {fmt(tutorial['chunks_seconds'])} s"
     ratio1, ratio2 = tutorial["seconds_per_epoch"] / kd, kd / floor
     ok1, ok2 = ratio1 >= TARGETS["tutorial_over_kdtune_min"], ratio2 <= TARGETS["kdtune_over_floor_max"]
     print(f"  tutorial loop (torchvision MNIST + ToTensor/Normalize, DataLoader batch {BATCH}, teacher forward per batch):")
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
           f"target >= {TARGETS['tutorial_over_kdtune_min']:g}x: {verdict(ok1)}")
 
     print("\n[2] compute floor (same student, in-memory tensors, permuted indices, index_select, CE, fused Adam; no distillation)")
-    print(f"      {floor:7.2f} s/epoch  [median of {len(loops['floor'])}, interleaved with the KD epochs: "
+    print(f"      {floor:7.2f} s/epoch  [median of {len(loops['floor'])}, each right after a KD epoch: "
           f"{fmt(loops['floor'])}; CPU median {floor_cpu:.2f} s]")
     print(f"  kdtune KD trial epoch: {kd:.2f} s/epoch")
     print(f"  ratio kdtune / floor: {ratio2:.2f}x  (CPU time: {kd_cpu / floor_cpu:.2f}x)  "

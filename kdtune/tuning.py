@@ -53,10 +53,11 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
-    if state:
+    client = MlflowClient(ctx.tracking_uri)
+    if state:  # the checkpoint carries the trial's run: reopen it (an interrupt may have ended it KILLED)
         run_id = state["mlflow_run_id"]
+        client.update_run(run_id, status="RUNNING")
     else:
-        client = MlflowClient(ctx.tracking_uri)
         name = f"{trial_id} {plan.method} {plan.spec.student.arch}{plan.spec.student.width}"
         run_id = tracking.child_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id, name,
                                     trial_params(plan, config), {"kdtune.phase": ctx.phase})
