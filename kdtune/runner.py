@@ -82,8 +82,11 @@ def run_sweep(spec, options: Options) -> int:
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
             "interrupted": interrupted})
         if interrupted:
-            log(f"interrupted: partial results written to {out_dir}/. Resume with: "
-                f"python -m kdtune.sweep SPEC --resume --results-dir {options.results_dir} (and the same --set options)")
+            log(f"interrupted: partial results written to {out_dir}/. {resume_hint(options)}")
+    except KeyboardInterrupt:  # before or between Tune's own graceful stops: nothing to write yet
+        status = "KILLED"
+        log(f"interrupted. {resume_hint(options)}")
+        raise
     finally:
         import ray
 
@@ -95,6 +98,11 @@ def run_sweep(spec, options: Options) -> int:
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
     return 130 if status == "KILLED" else 0
+
+
+def resume_hint(options: Options) -> str:
+    return (f"Resume with: python -m kdtune.sweep SPEC --resume --results-dir {options.results_dir} "
+            "(and the same --set options)")
 
 
 def _parent_run(client, exp_id: str, spec_dict: dict, out_dir: Path, storage: str, uri: str, resume: bool) -> str:
@@ -137,9 +145,9 @@ def objectives(spec) -> list[tuple[str, str]]:
 
 
 def tables(spec, trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(front, KD gain): on confirmed means when confirmation ran, else on the search trials."""
+    """(front, KD gain): on confirmed means when confirmation ran to the end, else on the search trials."""
     reruns = trials[trials["phase"] == "confirm"]
-    if reruns.empty:
+    if reruns.empty or (reruns["status"] == "KILLED").any():
         return results.pareto_table(trials, objectives(spec)), results.kd_gain_table(trials)
     picks = confirm.candidates(trials, objectives(spec))
     means = confirm.confirmed_means(reruns, picks)

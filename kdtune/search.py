@@ -25,8 +25,9 @@ def _trainable(spec, data, ctx):
 def _run_config(spec, storage: str, name: str, callback) -> tune.RunConfig:
     return tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                          # two: after a driver kill, the last experiment snapshot may name the older one
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+                          # keep every checkpoint: after a driver kill, the last experiment snapshot may
+                          # name any older one, and deleting it makes the trial fail to resume
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
 
 
 def _restore(path: str, spec, data, ctx):

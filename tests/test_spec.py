@@ -213,8 +213,9 @@ def test_reference_space(mnist):
     assert space.methods["kd"] == {"temperature": Dim("loguniform", (1, 20)), "alpha": Dim("uniform", (0.1, 0.99))}
     assert space.methods["fitnet"] == {"beta": Dim("loguniform", (1, 1000))}
     assert space.methods["rkd"] == {"beta": Dim("loguniform", (0.1, 10))}
-    assert space.methods["crd"] == {"beta": Dim("loguniform", (0.1, 10))}
-    assert space.columns == ["width", "train.lr", "loss", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta", "crd.beta"]
+    assert space.methods["crd"] == {"beta": Dim("loguniform", (0.1, 10)), "nce_k": Dim("fixed", (256,))}
+    assert space.columns == ["width", "train.lr", "loss", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta",
+                             "crd.beta", "crd.nce_k"]
 
 
 def test_reference_space_meaning(mnist):
@@ -356,11 +357,12 @@ def test_define_by_run_samples_only_the_chosen_methods_params(mnist):
         params = trial.params
         method = params["loss"]
         seen.add(method)
-        assert constants == {}
+        assert constants == ({"crd.nce_k": 256} if method == "crd" else {})  # fixed values are constants
         assert params["width"] in WIDTHS
         assert 0.0003 <= params["train.lr"] <= 0.003
         own = {name for name in params if "." in name and name.split(".")[0] in METHODS}
-        assert own == {f"{method}.{p}" for p in space.methods[method]}, (method, params)
+        sampled = {f"{method}.{p}" for p, dim in space.methods[method].items() if dim.form != "fixed"}
+        assert own == sampled, (method, params)
         if method == "none":
             assert not any(name.startswith("kd.") for name in params)
         if method == "kd":
