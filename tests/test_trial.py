@@ -49,7 +49,7 @@ def test_each_method_trains_a_student_one_epoch(world, method, arch, width):
     metrics = run_trial(plan, data, lambda m, get_state: reports.append(m))
     print(f"{method} {arch}{width}: val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f}")
     assert len(reports) == 1 and not metrics["diverged"]
-    assert metrics["val_acc"] > 0.6 and metrics["test_acc"] > 0.6  # chance is 0.1
+    assert metrics["val_acc"] > 0.5 and metrics["test_acc"] > 0.5  # chance is 0.1
     assert set(metrics) >= {"loss_ce", "params", "extra_params", "val_acc", "test_acc"}
     assert all(torch.equal(before[k], v) for k, v in data.teacher_state.items())  # frozen teacher
 
