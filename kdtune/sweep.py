@@ -66,6 +66,9 @@ def init_ray(address: str | None):
     """Join `address`, or start a private local Ray in kdtune's own temp dir (never attach by accident)."""
     import ray
 
+    # Snapshot the experiment state at every step, not every 10+ s: a driver killed between two
+    # snapshots loses the trials started since, and --resume would sample them anew.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
