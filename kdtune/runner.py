@@ -12,7 +12,6 @@ import pandas as pd
 from kdtune import confirm, results, tracking
 from kdtune.datasets import load_splits
 from kdtune.distill import METHODS
-from kdtune.models import has_maps
 from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import spec_to_dict
 from kdtune.sweep import Options, init_ray, log, versions
@@ -24,12 +23,9 @@ from kdtune.tuning import SweepContext
 SWEEP_STATE = "sweep.json"
 
 
-def teacher_keys(spec, space: SearchSpace) -> list[str]:
+def teacher_keys(space: SearchSpace) -> list[str]:
     """Every teacher target some trial of this space may read."""
-    archs = space.student_values("student.arch", spec.student.arch) or (spec.student.arch,)
-    return sorted({key for method in space.methods for arch in archs
-                   if has_maps(arch) or not METHODS[method].needs_conv_student
-                   for key in METHODS[method].teacher_keys(has_maps(arch))})
+    return sorted({key for method in space.methods for key in METHODS[method].teacher_keys})
 
 
 def prepare(spec, space: SearchSpace) -> tuple[SweepData, dict]:
@@ -39,7 +35,7 @@ def prepare(spec, space: SearchSpace) -> tuple[SweepData, dict]:
     log(f"data: {spec.data.dataset} train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}")
     teacher, info = get_teacher(spec, splits, log)
     started = time.time()
-    targets, live = compute_targets(teacher, splits.train_x, teacher_keys(spec, space), spec.teacher.feature_cache_mb)
+    targets, live = compute_targets(teacher, splits.train_x, teacher_keys(space), spec.teacher.feature_cache_mb)
     info["targets_seconds"] = round(time.time() - started, 1)
     info["cached_targets"], info["live_targets"] = sorted(targets), live
     if targets:

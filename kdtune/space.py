@@ -2,14 +2,16 @@
 
 The method is a categorical parameter `loss`; a method's own parameters are named
 `<method>.<param>` and sampled only when that method is chosen, so the sampler never
-learns from parameters that did not apply.
+learns from parameters that did not apply. `student.arch` may branch the same way, each
+architecture with its own student keys (`cnn.width`), since sizes that suit an MLP do not
+suit a CNN.
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydantic import ValidationError
@@ -38,49 +40,68 @@ class Dim:
         return trial.suggest_float(name, *self.args, log=self.form == "loguniform")
 
 
+def _sample(trial, constants: dict, name: str, dim: Dim) -> None:
+    if dim.form == "fixed":
+        constants[name] = dim.args[0]
+    else:
+        dim.sample(trial, name)
+
+
+def _branch(trial, constants: dict, key: str, branches: dict[str, dict[str, Dim]]) -> None:
+    """Choose one branch as categorical `key`, then sample only its own parameters."""
+    if len(branches) > 1:
+        chosen = trial.suggest_categorical(key, list(branches))
+    else:
+        chosen = constants[key] = next(iter(branches))
+    for param, dim in branches[chosen].items():
+        _sample(trial, constants, f"{chosen}.{param}", dim)
+
+
+def _choice_points(dims: dict[str, Dim], keys, prefix: str = "") -> list[dict]:
+    """Every combination of the choice values of `keys` (those present as choices)."""
+    keys = [k for k in keys if k in dims and dims[k].form == "choice"]
+    return [{f"{prefix}{k}": v for k, v in zip(keys, values)}
+            for values in itertools.product(*(dims[k].args for k in keys))]
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     params: dict[str, Dim]
     methods: dict[str, dict[str, Dim]]
+    archs: dict[str, dict[str, Dim]] = field(default_factory=dict)  # student.arch as branches
 
     @property
     def columns(self) -> list[str]:
         """Every parameter a trial may carry, in a stable order (for trials.csv)."""
-        names = list(self.params) + ["loss"]
-        return names + [f"{m}.{p}" for m, dims in self.methods.items() for p in dims]
+        names = list(self.params)
+        if self.archs:
+            names += ["student.arch"] + [f"{a}.{p}" for a, dims in self.archs.items() for p in dims]
+        return names + ["loss"] + [f"{m}.{p}" for m, dims in self.methods.items() for p in dims]
 
     def __call__(self, trial) -> dict[str, Any]:
         """Optuna define-by-run (a picklable callable, as Tune checkpoints the searcher);
         returns the constants Ray merges into the config."""
         constants = {}
         for name, dim in self.params.items():
-            if dim.form == "fixed":
-                constants[name] = dim.args[0]
-            else:
-                dim.sample(trial, name)
-        if len(self.methods) > 1:
-            method = trial.suggest_categorical("loss", list(self.methods))
-        else:
-            method = constants["loss"] = next(iter(self.methods))
-        for param, dim in self.methods[method].items():
-            if dim.form == "fixed":
-                constants[f"{method}.{param}"] = dim.args[0]
-            else:
-                dim.sample(trial, f"{method}.{param}")
+            _sample(trial, constants, name, dim)
+        if self.archs:
+            _branch(trial, constants, "student.arch", self.archs)
+        _branch(trial, constants, "loss", self.methods)
         return constants
 
     def baseline_points(self) -> list[dict]:
         """loss=none at every combination of the student's choice values, for the KD-gain table."""
-        keys = [k for k in STUDENT_KEYS if k in self.params and self.params[k].form == "choice"]
-        points = []
-        for values in itertools.product(*(self.params[k].args for k in keys)):
-            point = dict(zip(keys, values))
-            if len(self.methods) > 1:
-                point["loss"] = "none"
-            points.append(point)
-        return points
+        shared = _choice_points(self.params, STUDENT_KEYS)
+        if self.archs:
+            sizes = [{"student.arch": arch, **size} for arch, dims in self.archs.items()
+                     for size in _choice_points(dims, STUDENT_KEYS, f"{arch}.")]
+            shared = [{**point, **size} for point in shared for size in sizes]
+        loss = {"loss": "none"} if len(self.methods) > 1 else {}
+        return [{**point, **loss} for point in shared]
 
     def student_values(self, key: str, spec_value) -> tuple:
+        if key == "student.arch" and self.archs:
+            return tuple(self.archs)
         dim = self.params.get(key)
         return (spec_value,) if dim is None else dim.args if dim.form in ("fixed", "choice") else ()
 
@@ -166,6 +187,36 @@ def _parse_methods(raw: Any) -> dict[str, dict[str, Dim]]:
     return methods
 
 
+def _is_branches(raw: Any) -> bool:
+    """`student.arch: {mlp: {...}, cnn: {...}}`, as opposed to a search form or a plain value."""
+    return isinstance(raw, dict) and not (len(raw) == 1 and next(iter(raw)) in FORMS)
+
+
+def _parse_archs(raw: dict, spec_dict: dict, shared: dict) -> dict[str, dict[str, Dim]]:
+    from kdtune.models import MODELS
+    from kdtune.spec import SpecError, field_at
+
+    archs = {}
+    for arch, keys in raw.items():
+        path = f"search.space.student.arch.{arch}"
+        if arch not in MODELS:
+            raise SpecError(path, f"unknown arch {arch!r}; allowed: {', '.join(sorted(MODELS))}")
+        keys = keys or {}
+        if not isinstance(keys, dict):
+            raise SpecError(path, "expected a mapping of this arch's student keys, e.g. {width: {choice: [4, 8]}}, or {}")
+        with_arch = {**spec_dict, "student": {**spec_dict["student"], "arch": arch}}
+        dims = {}
+        for key, value in keys.items():
+            dotted = ALIASES.get(key, key)
+            if not dotted.startswith("student.") or dotted == "student.arch" or field_at(dotted) is None:
+                raise SpecError(f"{path}.{key}", "not a student key; use width or a dotted path under student")
+            if key in shared or dotted in shared:
+                raise SpecError(f"{path}.{key}", f"also given at search.space.{key}; give it in one place")
+            dims[key] = _parse_dim(f"{path}.{key}", value, _spec_value_check(with_arch, dotted))
+        archs[arch] = dims
+    return archs
+
+
 def parse_space(spec) -> SearchSpace:
     """Validate `spec.search.space` against the spec schema and the method registry."""
     from kdtune.spec import SpecError, field_at
@@ -175,6 +226,7 @@ def parse_space(spec) -> SearchSpace:
     if spec.search.baselines and "none" not in methods:
         methods = {"none": {}, **methods}
     spec_dict = spec.model_dump(mode="python")
+    archs = _parse_archs(raw.pop("student.arch"), spec_dict, raw) if _is_branches(raw.get("student.arch")) else {}
     params = {}
     for key, value in raw.items():
         dotted = ALIASES.get(key, key)
@@ -183,7 +235,7 @@ def parse_space(spec) -> SearchSpace:
             raise SpecError(path, "not a searchable key; use width, loss, or a dotted path under "
                                   f"{' or '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr, student.arch)")
         params[key] = _parse_dim(path, value, _spec_value_check(spec_dict, dotted))
-    space = SearchSpace(params, methods)
+    space = SearchSpace(params, methods, archs)
     archs = space.student_values("student.arch", spec.student.arch)
     for name in methods:
         if METHODS[name].needs_conv_student:
@@ -213,8 +265,11 @@ def resolve(spec, config: dict) -> TrialPlan:
     prefix = f"{method}."
     method_params = {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
     data = spec.model_dump(mode="python")
+    arch_prefix = f"{config.get('student.arch', spec.student.arch)}."
     for key, value in config.items():
         dotted = ALIASES.get(key, key)
+        if key.startswith(arch_prefix):  # the chosen arch's own keys, e.g. cnn.width
+            dotted = ALIASES.get(key[len(arch_prefix):], key[len(arch_prefix):])
         if dotted.split(".")[0] in SEARCHABLE_SECTIONS:
             section, leaf = dotted.split(".", 1)
             data[section][leaf] = value

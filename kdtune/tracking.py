@@ -1,8 +1,9 @@
 """MLflow layout: experiment <name>, a parent run per sweep, one child run per trial.
 
 Trials create their own child run (idempotently, keyed by the Ray trial id, so a
-restored trial reattaches to it); the driver logs their metrics and ends every run, so
-early-stopped, failed and interrupted trials never stay RUNNING.
+restored trial reattaches to it, and one restored after it completed replays its result
+from it); the driver logs their metrics and ends every run, so early-stopped, failed and
+interrupted trials never stay RUNNING.
 """
 from __future__ import annotations
 
@@ -87,15 +88,37 @@ def child_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, 
     """The trial's child run: the existing one for this trial id, else a new one."""
     found = client.search_runs([exp_id], f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_id}'",
                                max_results=1)
-    if found:  # a restarted trial keeps its run, and the run counts the starts
+    if found:  # a restarted trial keeps its run, and the run counts the starts; a completed run stays as it is
         run_id = found[0].info.run_id
-        client.set_tag(run_id, "kdtune.starts", int(found[0].data.tags.get("kdtune.starts", 1)) + 1)
-        client.update_run(run_id, status="RUNNING")
+        if not completed(found[0]):
+            client.set_tag(run_id, "kdtune.starts", int(found[0].data.tags.get("kdtune.starts", 1)) + 1)
+            client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(exp_id, run_name=run_name,
                             tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, "kdtune.starts": "1", **tags})
     client.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id
+
+
+def completed(run) -> bool:
+    """Whether the driver ended the run with its trial's outcome (finished, early-stopped, diverged).
+    Such a trial may still be restored after a driver kill, when Tune had not yet recorded its end;
+    an interrupted or errored one is meant to train again."""
+    tags = run.data.tags
+    return run.info.status != "RUNNING" and (tags.get("kdtune.status") in ("FINISHED", "STOPPED")
+                                             or tags.get("kdtune.reason") == "diverged")
+
+
+def final_result(client: MlflowClient, run_id: str) -> dict | None:
+    """A completed run's last result rebuilt from its logged metrics, for Tune to record it again
+    without rerunning the trial; None when the trial has to train."""
+    run = client.get_run(run_id)
+    if not completed(run):
+        return None
+    diverged = run.data.tags.get("kdtune.reason") == "diverged"
+    epoch = max((m.step for m in client.get_metric_history(run_id, "val_acc")), default=0)
+    return {**run.data.metrics, "epoch": epoch, "diverged": diverged,
+            "done": diverged or run.data.tags["kdtune.status"] == "FINISHED"}
 
 
 def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdtune.datasets import Splits, batches
 from kdtune.distill import METHODS, TEACHER_TARGETS
-from kdtune.models import build_model, count_params, has_maps
+from kdtune.models import build_model, count_params
 from kdtune.space import TrialPlan
 from kdtune.teacher import accuracy
 
@@ -86,8 +86,9 @@ def run_trial(plan: TrialPlan, data: SweepData,
     splits = data.splits
     student = build_model(spec.student.arch, splits.in_shape, splits.num_classes, spec.student.width).to(device)
     method = METHODS[plan.method]
-    targets = TeacherTargets(data, method.teacher_keys(has_maps(spec.student.arch)), device)
+    targets = TeacherTargets(data, method.teacher_keys, device)
     probe = torch.arange(2, device=device)
+    student.eval()  # the shape probe must not move batch-norm statistics
     with torch.no_grad():
         distiller = method(student(splits.train_x[probe]), targets(probe, splits.train_x[probe]),
                            len(splits.train_y), spec.train.ce_weight, **plan.method_params).to(device)

@@ -54,13 +54,15 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
     client = MlflowClient(ctx.tracking_uri)
-    if state:  # the checkpoint carries the trial's run: reopen it (an interrupt may have ended it KILLED)
+    if state:  # the checkpoint carries the trial's run
         run_id = state["mlflow_run_id"]
-        client.update_run(run_id, status="RUNNING")
     else:
         name = f"{trial_id} {plan.method} {plan.spec.student.arch}{plan.spec.student.width}"
         run_id = tracking.child_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id, name,
                                     trial_params(plan, config), {"kdtune.phase": ctx.phase})
+    final = tracking.final_result(client, run_id)
+    if state and final is None:  # reopen the run (an interrupt may have ended it KILLED)
+        client.update_run(run_id, status="RUNNING")
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, get_state) -> None:
@@ -72,6 +74,9 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
             torch.save({**get_state(), "mlflow_run_id": run_id}, Path(folder) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
+    if final is not None:  # the trial completed, but the driver was killed before Tune recorded it
+        report({**final, "replayed": True}, None)
+        return
     run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
 
 
@@ -135,7 +140,8 @@ class TrackingCallback(tune.Callback):
         return self._client
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        tracking.log_epoch(self.client, result["mlflow_run_id"], result)
+        if not result.get("replayed"):  # a replayed result is logged already
+            tracking.log_epoch(self.client, result["mlflow_run_id"], result)
 
     def _run_id(self, trial) -> str | None:
         if trial.last_result and "mlflow_run_id" in trial.last_result:
@@ -148,7 +154,7 @@ class TrackingCallback(tune.Callback):
     def _finish(self, trial, error: bool, reason: str | None = None):
         status, why = trial_status(trial.last_result, self.epochs, error)
         run_id = self._run_id(trial)
-        if run_id:
+        if run_id and not (trial.last_result or {}).get("replayed"):  # a replayed trial's run is ended already
             tracking.end_run(self.client, run_id, status, reason or why or None)
         self.done += 1
         value = (trial.last_result or {}).get(self.objective)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdtune.distill import METHODS, TEACHER_TARGETS
-from kdtune.models import Features, build_model, has_maps
+from kdtune.models import Features, build_model
 
 
 def make(name, student, teacher, num_train=16, **params):
@@ -71,6 +71,14 @@ def test_rkd_is_zero_for_a_scaled_copy_and_positive_otherwise():
     assert other["rkd_dist"].item() > 1e-3 and other["rkd_angle"].item() > 1e-3
 
 
+def test_rkd_d_has_no_angle_term_and_the_same_distance_term():
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(6, 4, generator=g), torch.randn(6, 5, generator=g)
+    full, distance_only = rkd_out(student, teacher), rkd_out(student, teacher, w_angle=0.0)
+    assert set(distance_only) == {"ce", "rkd_dist"}
+    assert distance_only["rkd_dist"].item() == pytest.approx(full["rkd_dist"].item(), rel=1e-6)
+
+
 def test_rkd_three_points_by_hand():
     teacher_pts = [(0.0, 0.0), (3.0, 0.0), (0.0, 4.0)]  # a 3-4-5 triangle
     student_pts = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)]  # an isosceles right triangle
@@ -117,18 +125,16 @@ def hand_nce(bank, v, rows, T, num_train, z=None):
     return -total / len(rows), z
 
 
-# num_train 6: B*(K+1) = 8 >= 6 takes the full-product branch; 20 the row-gather branch.
-@pytest.mark.parametrize("num_train", [6, 20])
-def test_crd_nce_value_bank_update_and_fixed_z(monkeypatch, num_train):
+def test_crd_nce_value_bank_update_and_fixed_z(monkeypatch, num_train=20):
     torch.manual_seed(0)
     T, mom, beta = 0.07, 0.3, 0.8  # mom != 0.5 so mom and 1 - mom are told apart
     s_emb, t_emb = torch.randn(2, 5), torch.randn(2, 7)
     s, t = Features(torch.zeros(2, 3), s_emb), {"embedding": t_emb}
     crd = make("crd", s, t, num_train=num_train, feat_dim=4, nce_k=3, nce_mom=mom)
-    negatives = [torch.tensor([[0, 2, 5], [3, 3, 1]]), torch.tensor([[5, 4, 0], [1, 2, 2]])]
+    negatives = [torch.tensor([0, 2, 5]), torch.tensor([5, 4, 4])]  # drawn once per batch, shared
     monkeypatch.setattr(torch, "randint", lambda *a, **k: negatives.pop(0))
     idx = torch.tensor([1, 4])
-    rows = torch.cat([idx[:, None], torch.tensor([[0, 2, 5], [3, 3, 1]])], 1)
+    rows = torch.tensor([[1, 0, 2, 5], [4, 0, 2, 5]])
 
     bank_s, bank_t = crd.bank_s.clone(), crd.bank_t.clone()
     stdv = 1 / math.sqrt(4 / 3)
@@ -160,7 +166,7 @@ def test_crd_nce_value_bank_update_and_fixed_z(monkeypatch, num_train):
         v_s = normalize_rows(s2.embedding @ crd.embed_s.weight.T + crd.embed_s.bias)
         v_t = normalize_rows(t2["embedding"] @ crd.embed_t.weight.T + crd.embed_t.bias)
     out = crd.losses(s2, t2, torch.zeros(2, dtype=torch.long), idx, 0.1)
-    rows = torch.cat([idx[:, None], torch.tensor([[5, 4, 0], [1, 2, 2]])], 1)
+    rows = torch.tensor([[1, 5, 4, 4], [4, 5, 4, 4]])
     assert crd.z_s.item() == z_first[0].item() and crd.z_t.item() == z_first[1].item()
     expected = beta * (hand_nce(bank_t, v_s, rows, T, num_train, z_first[0])[0]
                        + hand_nce(bank_s, v_t, rows, T, num_train, z_first[1])[0])
@@ -237,7 +243,7 @@ def hand_attention(m):
 
 def at_out(s_maps, t_maps, beta=1000.0):
     s = Features(torch.zeros(2, 3), torch.zeros(2, 4), s_maps)
-    t = {k: TEACHER_TARGETS[k](Features(None, None, t_maps)) for k in METHODS["at"].teacher_keys(True)}
+    t = {k: TEACHER_TARGETS[k](Features(None, None, t_maps)) for k in METHODS["at"].teacher_keys}
     return make("at", s, t, beta=beta).losses(s, t, torch.zeros(2, dtype=torch.long), torch.arange(2), 0.0)
 
 
@@ -255,25 +261,22 @@ def test_at_zero_for_identical_maps_and_matches_hand_formula():
     assert value == pytest.approx(expected, rel=1e-5)
 
 
+def test_at_pools_the_teacher_attention_to_a_smaller_student_stage():
+    g = torch.Generator().manual_seed(7)
+    t_maps = [torch.randn(2, 5, 8, 8, generator=g), torch.randn(2, 7, 6, 6, generator=g)]
+    s_maps = [torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 4, 3, 3, generator=g)]
+    t_att1 = (t_maps[1] ** 2).mean(1).view(2, 3, 2, 3, 2).mean((2, 4))  # 2x2 blocks averaged by hand
+    s_att1 = (s_maps[1] ** 2).mean(1)
+    unit = lambda a: a.flatten(1) / a.flatten(1).norm(dim=1, keepdim=True)
+    stage1 = ((unit(s_att1) - unit(t_att1)) ** 2).mean().item()
+    stage0 = ((hand_attention(s_maps[0]) - hand_attention(t_maps[0])) ** 2).mean().item()
+    assert at_out(s_maps, t_maps, beta=2.0)["at"].item() == pytest.approx(stage0 + stage1, rel=1e-5)
+
+
 # ---------------------------------------------------------------- FitNet
 
-def test_fitnet_conv_regressor_on_maps():
-    assert METHODS["fitnet"].teacher_keys(True) == ("map1",)
-    g = torch.Generator().manual_seed(5)
-    s = Features(torch.zeros(2, 3), torch.zeros(2, 4),
-                 [torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 4, 5, 5, generator=g)])
-    t = {"map1": torch.randn(2, 6, 5, 5, generator=g)}
-    fit = make("fitnet", s, t, beta=100.0)
-    assert isinstance(fit.regressor, torch.nn.Conv2d) and fit.regressor.kernel_size == (1, 1)
-    w, b = fit.regressor.weight.detach().view(6, 4), fit.regressor.bias.detach()
-    y = torch.einsum("oc,bchw->bohw", w, s.maps[-1]) + b[None, :, None, None]
-    expected = 100.0 * ((y - t["map1"]) ** 2).sum().item() / y.numel()
-    out = fit.losses(s, t, torch.zeros(2, dtype=torch.long), torch.arange(2), 0.0)
-    assert out["hint"].item() == pytest.approx(expected, rel=1e-5)
-
-
 def test_fitnet_linear_regressor_on_embeddings():
-    assert METHODS["fitnet"].teacher_keys(False) == ("embedding",)
+    assert METHODS["fitnet"].teacher_keys == ("embedding",)
     g = torch.Generator().manual_seed(6)
     s = Features(torch.zeros(3, 3), torch.randn(3, 5, generator=g))
     t = {"embedding": torch.randn(3, 7, generator=g)}
@@ -305,7 +308,7 @@ def test_gradients_reach_student_and_heads_not_teacher(teacher, name, arch):
     x, labels, num_train = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), 64
     with torch.no_grad():
         t_features = teacher(x)
-        t = {k: TEACHER_TARGETS[k](t_features) for k in METHODS[name].teacher_keys(has_maps(arch))}
+        t = {k: TEACHER_TARGETS[k](t_features) for k in METHODS[name].teacher_keys}
         example = student(x[:4])
     method = METHODS[name](example, {k: v[:4] for k, v in t.items()}, num_train)
 

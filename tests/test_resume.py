@@ -1,12 +1,19 @@
 """Kill a sweep's driver with SIGKILL part-way, then --resume: nothing finished is rerun,
 every trial appears once, and every trial keeps its one MLflow run."""
+import io
+import math
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from kdtune import tracking
+from kdtune.tuning import SweepContext, TrackingCallback
 
 
 def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path, run_cli):
@@ -18,11 +25,8 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path, run_
                    "num_samples": 6, "max_concurrent": 2, "confirm_seeds": 0}}))
     sweep = run_cli([spec], tmp_path, background=True)
     for line in sweep.stdout:
-        if line.startswith("[3/"):  # three trials finished
-            break
-    # Known race, not covered here: Tune snapshots a trial's completion one controller step after
-    # our callback ends its run, so a kill inside that step reruns that trial's last epochs.
-    time.sleep(1)
+        if line.startswith("[3/"):  # three trials finished: the third one's run is ended, but
+            break                   # Tune records its completion one controller step later
     os.kill(sweep.pid, signal.SIGKILL)
     sweep.wait(timeout=60)
     time.sleep(5)  # Ray's reaper ends the local cluster of the killed driver
@@ -51,3 +55,66 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path, run_
         history = client.get_metric_history(run_id, "val_acc")
         assert sorted(m.step for m in history) == list(range(1, 9))
         assert client.get_run(run_id).data.tags["kdtune.starts"] == "1"
+
+
+def child_store(tmp_path):
+    """A real sqlite MLflow store with a sweep's parent run, and trial t1's child run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = tracking.experiment_id(client, "replay")
+    parent = client.create_run(exp_id).info.run_id
+
+    def child() -> str:  # what trainable calls when Tune restores t1 without a checkpoint
+        return tracking.child_run(client, exp_id, parent, "t1", "t1 kd mlp16", {"loss": "kd"}, {"kdtune.phase": "search"})
+    return client, SweepContext({}, uri, exp_id, parent), child
+
+
+def epoch_result(epoch: int, last: bool, diverged: bool = False) -> dict:
+    result = {"epoch": epoch, "val_acc": math.nan if diverged else 0.5 + epoch / 100, "val_loss": math.nan if diverged else 1 / epoch,
+              "loss_ce": 2 / epoch, "loss_kd": 1 / epoch, "params": 12345, "extra_params": 0, "epoch_seconds": 0.1,
+              "teacher_live_batches": 0, "diverged": diverged, "done": diverged or last}
+    return {**result, "test_acc": 0.6} if last and not diverged else result
+
+
+@pytest.mark.parametrize("status, reason, epochs, last, diverged", [
+    ("FINISHED", None, 8, True, False),
+    ("STOPPED", "early-stopped by the scheduler", 2, False, False),
+    ("FAILED", "diverged", 3, False, True),
+])
+def test_a_trial_restored_after_it_completed_replays_its_result_and_leaves_its_run_as_it_is(
+        tmp_path, status, reason, epochs, last, diverged):
+    """The kill between our callback ending a trial's run and Tune recording its end, made deterministic."""
+    client, ctx, child = child_store(tmp_path)
+    run_id = child()
+    for epoch in range(1, epochs + 1):  # as TrackingCallback logs and ends it
+        tracking.log_epoch(client, run_id, epoch_result(epoch, last and epoch == epochs, diverged and epoch == epochs))
+    tracking.end_run(client, run_id, status, reason)
+    before = client.get_run(run_id)
+    histories = {k: [(m.step, m.timestamp) for m in client.get_metric_history(run_id, k)] for k in before.data.metrics}
+
+    assert child() == run_id  # Tune restored t1: same run, not reopened, no start counted
+    final = tracking.final_result(client, run_id)
+    assert final == pytest.approx(epoch_result(epochs, last, diverged), nan_ok=True)
+
+    callback = TrackingCallback(ctx, epochs=8, total=1, objective="val_acc", mode="max", out=io.StringIO())
+    replayed = {**final, "replayed": True, "mlflow_run_id": run_id, "trial_id": "t1"}
+    trial = SimpleNamespace(trial_id="t1", last_result=replayed)
+    callback.on_trial_result(1, [trial], trial, replayed)
+    callback.on_trial_complete(1, [trial], trial)
+    assert callback.out.getvalue().startswith(f"[1/1] t1 {status.lower()}")
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert after.data.tags == before.data.tags and after.data.tags["kdtune.starts"] == "1"
+    assert {k: [(m.step, m.timestamp) for m in client.get_metric_history(run_id, k)] for k in after.data.metrics} == histories
+
+
+@pytest.mark.parametrize("status, reason", [("KILLED", None), ("FAILED", "RuntimeError: boom")])
+def test_an_interrupted_or_errored_trial_is_not_replayed_but_trains_again(tmp_path, status, reason):
+    client, _, child = child_store(tmp_path)
+    run_id = child()
+    tracking.log_epoch(client, run_id, epoch_result(1, last=False))
+    tracking.end_run(client, run_id, status, reason)
+    assert tracking.final_result(client, run_id) is None
+    assert child() == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["kdtune.starts"] == "2"

@@ -20,7 +20,8 @@ from kdtune.space import Dim, SearchSpace, parse_space, resolve
 from kdtune.spec import SpecError, apply_overrides, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT / "search_spaces" / "mnist.yaml"
+MNIST = ROOT / "search_spaces" / "mnist-mlp.yaml"  # the core-sweep contract's spec
+DEFAULT = ROOT / "search_spaces" / "mnist.yaml"
 CORPUS = sorted((Path(__file__).resolve().parent / "bad_specs").glob("*.yaml"))
 WIDTHS = (16, 32, 64, 128, 256)
 
@@ -190,7 +191,7 @@ def mnist():
 
 
 def test_reference_spec_values(mnist):
-    assert mnist.name == "mnist-kd"
+    assert mnist.name == "mnist-mlp"
     assert mnist.seed == 0
     assert (mnist.data.dataset, mnist.data.root, mnist.data.val_size, mnist.data.train_limit) == ("mnist", "data", 5000, None)
     assert (mnist.teacher.arch, mnist.teacher.checkpoint, mnist.teacher.epochs) == ("mnist_cnn", None, 3)
@@ -336,6 +337,52 @@ def test_set_malformed(override, key, fragment):
     assert info.value.path == key
     assert fragment in info.value.message
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- student.arch branches
+
+def test_default_spec_searches_both_families_each_at_its_own_widths():
+    spec = load_spec(DEFAULT)
+    space = parse_space(spec)
+    assert space.archs == {"mlp": {"width": Dim("choice", (64, 256))}, "cnn": {"width": Dim("choice", (4, 6, 8, 12))}}
+    assert "width" not in space.params and space.student_values("student.arch", spec.student.arch) == ("mlp", "cnn")
+    assert space.baseline_points() == [{"student.arch": a, f"{a}.width": w, "loss": "none"}
+                                       for a, ws in (("mlp", (64, 256)), ("cnn", (4, 6, 8, 12))) for w in ws]
+    assert space.columns[:4] == ["train.lr", "student.arch", "mlp.width", "cnn.width"]
+    plan = resolve(spec, {"student.arch": "mlp", "mlp.width": 256, "loss": "none"})
+    assert (plan.spec.student.arch, plan.spec.student.width) == ("mlp", 256)
+    plan = resolve(spec, {"student.arch": "cnn", "cnn.width": 6, "mlp.width": 256, "loss": "none"})
+    assert (plan.spec.student.arch, plan.spec.student.width) == ("cnn", 6)  # another arch's keys do not apply
+
+
+def test_arch_branches_sample_only_the_chosen_archs_width():
+    space = parse_space(load_spec(DEFAULT))
+    seen = set()
+    for trial, constants in sample(space, 60):
+        arch = trial.params["student.arch"]
+        seen.add(arch)
+        widths = {k for k in trial.params if k.endswith(".width")}
+        assert widths == {f"{arch}.width"}
+        assert trial.params[f"{arch}.width"] in space.archs[arch]["width"].args
+    assert seen == {"mlp", "cnn"}
+
+
+@pytest.mark.parametrize("override,path,fragment", [
+    ("search.space.student.arch={mlp: {}, resnet: {}}", "search.space.student.arch.resnet", "unknown arch 'resnet'"),
+    ("search.space.student.arch={cnn: {train.lr: 0.1}}", "search.space.student.arch.cnn.train.lr", "not a student key"),
+    ("search.space.student.arch={cnn: {width: {choice: [0, 4]}}}", "search.space.student.arch.cnn.width.choice[0]", ""),
+    ("search.space.student.arch={cnn: [4, 8]}", "search.space.student.arch.cnn", "expected a mapping"),
+])
+def test_arch_branch_errors_name_the_key(override, path, fragment):
+    with pytest.raises(SpecError) as info:
+        load_spec(DEFAULT, [override])
+    assert info.value.path == path and fragment in str(info.value)
+
+
+def test_a_key_searched_both_shared_and_per_arch_is_refused():
+    with pytest.raises(SpecError) as info:
+        load_spec(MNIST, ["search.space.student.arch={cnn: {width: {choice: [4, 8]}}}"])  # width is also shared here
+    assert info.value.path == "search.space.student.arch.cnn.width" and "one place" in str(info.value)
 
 
 # ---------------------------------------------------------------- define-by-run sampling

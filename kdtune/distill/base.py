@@ -19,16 +19,15 @@ from kdtune.models import Features
 
 
 def attention(feature_map: torch.Tensor) -> torch.Tensor:
-    """Zagoruyko & Komodakis' attention map: channel mean of squares, flattened, L2-normalised."""
-    return F.normalize(feature_map.pow(2).mean(1).flatten(1), dim=1)
+    """Zagoruyko & Komodakis' spatial attention map, B x H x W: the channel mean of squares
+    (normalised only when compared, so a teacher's map can first be resized to a student's)."""
+    return feature_map.pow(2).mean(1)
 
 
 # Names a method may ask of the teacher, and how each is read off its Features.
 TEACHER_TARGETS: dict[str, Callable[[Features], torch.Tensor]] = {
     "logits": lambda f: f.logits,
     "embedding": lambda f: f.embedding,
-    "map0": lambda f: f.maps[0],
-    "map1": lambda f: f.maps[1],
     "attention0": lambda f: attention(f.maps[0]),
     "attention1": lambda f: attention(f.maps[1]),
 }
@@ -71,6 +70,7 @@ class Distiller(nn.Module):
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
     needs_conv_student: ClassVar[bool] = False
+    teacher_keys: ClassVar[tuple[str, ...]] = ("logits",)  # the TEACHER_TARGETS this method reads
 
     def __init__(self, student: Features, teacher: dict[str, torch.Tensor], num_train: int,
                  ce_weight: float = 1.0, **params):
@@ -81,10 +81,6 @@ class Distiller(nn.Module):
         if unknown:
             raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.params)}")
 
-    @classmethod
-    def teacher_keys(cls, student_has_maps: bool) -> tuple[str, ...]:
-        """Which TEACHER_TARGETS this method reads; by default only the logits."""
-        return ("logits",)
 
     def ce(self, s: Features, labels: torch.Tensor) -> torch.Tensor:
         return self.ce_weight * F.cross_entropy(s.logits, labels)

@@ -7,11 +7,12 @@ from kdtune.distill.base import Distiller, Param, register
 
 @register
 class FitNet(Distiller):
-    """CE + beta * MSE(regressor(hint), teacher hint).
+    """CE + beta * MSE(regressor(student embedding), teacher embedding).
 
-    A conv student hints with its last map against the teacher's last map through a 1x1
-    conv (the maps share spatial size, only channels differ); a student without maps hints
-    with its embedding through a linear layer. The regressor trains with the student.
+    The hint is the penultimate layer for every student: a linear regressor maps the
+    student's embedding to the teacher's and trains with it. (A conv-map hint would need
+    the teacher's 37k-float maps per image: too large to cache, so a live teacher forward
+    in every step.)
     """
 
     name = "fitnet"
@@ -19,17 +20,10 @@ class FitNet(Distiller):
 
     def __init__(self, student, teacher, num_train, ce_weight=1.0, **params):
         super().__init__(student, teacher, num_train, ce_weight, **params)
-        self.use_maps = bool(student.maps)
-        if self.use_maps:
-            self.regressor = nn.Conv2d(student.maps[-1].shape[1], teacher["map1"].shape[1], 1)
-        else:
-            self.regressor = nn.Linear(student.embedding.shape[1], teacher["embedding"].shape[1])
+        self.regressor = nn.Linear(student.embedding.shape[1], teacher["embedding"].shape[1])
 
-    @classmethod
-    def teacher_keys(cls, student_has_maps):
-        return ("map1",) if student_has_maps else ("embedding",)
+    teacher_keys = ("embedding",)
 
     def losses(self, s, t, labels, idx, progress):
-        hint, target = (s.maps[-1], t["map1"]) if self.use_maps else (s.embedding, t["embedding"])
         return {"ce": self.ce(s, labels),
-                "hint": self.hp["beta"] * F.mse_loss(self.regressor(hint), target)}
+                "hint": self.hp["beta"] * F.mse_loss(self.regressor(s.embedding), t["embedding"])}

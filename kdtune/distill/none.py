@@ -5,10 +5,7 @@ from kdtune.distill.base import Distiller, register
 @register
 class NoDistillation(Distiller):
     name = "none"
-
-    @classmethod
-    def teacher_keys(cls, student_has_maps):
-        return ()
+    teacher_keys = ()
 
     def losses(self, s, t, labels, idx, progress):
         return {"ce": self.ce(s, labels)}
