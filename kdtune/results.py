@@ -9,6 +9,7 @@ from typing import Callable
 
 import pandas as pd
 
+from kdtune.models import MODELS
 from kdtune.pareto import pareto_mask
 
 BASE_COLUMNS = ["trial_id", "phase", "loss", "student.arch", "width"]
@@ -47,8 +48,10 @@ def pareto_table(df: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Data
 
 
 def method_columns(df: pd.DataFrame) -> list[str]:
-    """The searched dotted parameters (train.lr, kd.alpha, ...) that have a value somewhere."""
-    return [c for c in df.columns if "." in c and c not in BASE_COLUMNS and df[c].notna().any()]
+    """The searched dotted parameters (train.lr, kd.alpha, ...) that have a value somewhere;
+    an arch's own keys (cnn.width) are left to the resolved `width` column."""
+    return [c for c in df.columns if "." in c and c not in BASE_COLUMNS and c.split(".")[0] not in MODELS
+            and df[c].notna().any()]
 
 
 def kd_gain_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -81,6 +82,12 @@ def start_parent(client: MlflowClient, exp_id: str, spec_dict: dict) -> str:
     client.log_batch(run.info.run_id, params=_params(flatten(spec_dict)))
     client.log_text(run.info.run_id, json.dumps(spec_dict, indent=2), "spec.json")
     return run.info.run_id
+
+
+@lru_cache(maxsize=4)
+def client(uri: str) -> MlflowClient:
+    """One client per store and process: a reused actor's next trial skips opening the store."""
+    return MlflowClient(uri)
 
 
 def child_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, run_name: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -32,6 +33,21 @@ class SweepData:
     targets: dict[str, torch.Tensor]
     teacher_arch: str
     teacher_state: dict = field(repr=False, default_factory=dict)
+
+    def __getstate__(self):
+        """Tensors travel as numpy arrays: Ray maps those from its object store without a
+        copy, so a trial starts without unpickling hundreds of MB of data."""
+        s = self.splits
+        tensors = {"splits": [t.numpy() for t in (s.train_x, s.train_y, s.val_x, s.val_y, s.test_x, s.test_y)],
+                   "targets": {k: v.numpy() for k, v in self.targets.items()}}
+        return {**self.__dict__, **tensors, "num_classes": s.num_classes}
+
+    def __setstate__(self, state):
+        with warnings.catch_warnings():  # the shared buffers are read-only, and trials only read them
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            splits = Splits(*map(torch.from_numpy, state.pop("splits")), state.pop("num_classes"))
+            targets = {k: torch.from_numpy(v) for k, v in state.pop("targets").items()}
+        self.__dict__.update(state, splits=splits, targets=targets)
 
     def to(self, device) -> "SweepData":
         s = self.splits

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -53,7 +52,7 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
-    client = MlflowClient(ctx.tracking_uri)
+    client = tracking.client(ctx.tracking_uri)
     if state:  # the checkpoint carries the trial's run
         run_id = state["mlflow_run_id"]
     else:
@@ -134,9 +133,9 @@ class TrackingCallback(tune.Callback):
         self.out = sys.stdout
 
     @property
-    def client(self) -> MlflowClient:
+    def client(self) -> "tracking.MlflowClient":
         if self._client is None:
-            self._client = MlflowClient(self.ctx.tracking_uri)
+            self._client = tracking.client(self.ctx.tracking_uri)
         return self._client
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -101,3 +101,18 @@ def test_checkpoint_state_resumes_to_the_same_result(world, teacher_cache, mnist
     resumed = run_trial(plan, data, lambda m, g: None, state=states[0])
     assert resumed["epoch"] == 2
     assert resumed["val_acc"] == straight["val_acc"] and resumed["loss_crd"] == straight["loss_crd"]
+
+
+def test_sweep_data_pickles_through_numpy_and_back(world):
+    """Ray ships SweepData to trials; it travels as numpy arrays (mapped from the object store
+    without a copy) and arrives as the same tensors."""
+    import pickle
+
+    *_, data = world
+    state = data.__getstate__()
+    assert all(type(a).__name__ == "ndarray" for a in state["splits"] + list(state["targets"].values()))
+    back = pickle.loads(pickle.dumps(data, protocol=5))
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(back.splits, name), getattr(data.splits, name))
+    assert back.splits.num_classes == data.splits.num_classes and back.teacher_arch == data.teacher_arch
+    assert set(back.targets) == set(data.targets) and all(torch.equal(back.targets[k], data.targets[k]) for k in data.targets)
