@@ -82,7 +82,8 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path, metric: str =
     for loss, group in done.groupby("loss"):
         ax.scatter(group["params"], group[metric], label=loss, s=28, alpha=0.8)
     if not front.empty:
-        ax.step(front["params"], front[metric], where="post", color="black", lw=1.2, label="Pareto front")
+        label = "Pareto front (confirmed means)" if "seeds" in front.columns else "Pareto front"
+        ax.step(front["params"], front[metric], where="post", color="black", lw=1.2, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("student parameters (deployable)")
     ax.set_ylabel(metric)

@@ -79,6 +79,7 @@ class TrainSpec(Strict):
     lr: float = Field(0.001, gt=0)
     ce_weight: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(2, ge=1)
+    mixed_precision: bool = True  # bf16 autocast of forward and losses on CUDA; CPUs train in fp32
 
 
 class Objective(Strict):
