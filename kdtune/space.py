@@ -161,6 +161,24 @@ def _parse_dim(path: str, raw: Any, check: Callable[[Any], str | None]):
     return Dim(form, (checked(lo, f"{where}[0]"), checked(hi, f"{where}[1]")))
 
 
+def _parse_branches(raw: dict, path: str, registry, kind: str, example: str,
+                    parse: Callable[[str, str, str, Any], Dim]) -> dict[str, dict[str, Dim]]:
+    """Each branch (a method, or an arch) with its own parameters, each read by
+    `parse(branch, key, key path, value)`."""
+    from kdtune.spec import SpecError
+
+    branches = {}
+    for name, params in raw.items():
+        where = f"{path}.{name}"
+        if name not in registry:
+            raise SpecError(where, f"unknown {kind} {name!r}; allowed: {', '.join(sorted(registry))}")
+        params = params or {}
+        if not isinstance(params, dict):
+            raise SpecError(where, f"expected a mapping of this {kind}'s parameters, e.g. {example}, or {{}}")
+        branches[name] = {key: parse(name, key, f"{where}.{key}", value) for key, value in params.items()}
+    return branches
+
+
 def _parse_methods(raw: Any) -> dict[str, dict[str, Dim]]:
     from kdtune.spec import SpecError
 
@@ -168,23 +186,15 @@ def _parse_methods(raw: Any) -> dict[str, dict[str, Dim]]:
         raw = {raw: {}}
     if not isinstance(raw, dict) or not raw:
         raise SpecError("search.space.loss", "expected a mapping of method name to its parameters, e.g. {none: {}, kd: {temperature: 4}}")
-    methods = {}
-    for name, params in raw.items():
-        path = f"search.space.loss.{name}"
-        if name not in METHODS:
-            raise SpecError(path, f"unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
-        params = params or {}
-        if not isinstance(params, dict):
-            raise SpecError(path, "expected a mapping of the method's parameters (or {})")
-        allowed = METHODS[name].params
-        dims = {}
-        for param, value in params.items():
-            if param not in allowed:
-                listed = ", ".join(sorted(allowed)) or "none"
-                raise SpecError(f"{path}.{param}", f"method {name!r} has no parameter {param!r}; its parameters: {listed}")
-            dims[param] = _parse_dim(f"{path}.{param}", value, allowed[param].check)
-        methods[name] = dims
-    return methods
+
+    def parse(method, param, where, value):
+        allowed = METHODS[method].params
+        if param not in allowed:
+            listed = ", ".join(sorted(allowed)) or "none"
+            raise SpecError(where, f"method {method!r} has no parameter {param!r}; its parameters: {listed}")
+        return _parse_dim(where, value, allowed[param].check)
+
+    return _parse_branches(raw, "search.space.loss", METHODS, "method", "{temperature: 4}", parse)
 
 
 def _is_branches(raw: Any) -> bool:
@@ -193,28 +203,20 @@ def _is_branches(raw: Any) -> bool:
 
 
 def _parse_archs(raw: dict, spec_dict: dict, shared: dict) -> dict[str, dict[str, Dim]]:
+    """Each architecture's own student keys (cnn.width), validated with that arch in place."""
     from kdtune.models import MODELS
     from kdtune.spec import SpecError, field_at
 
-    archs = {}
-    for arch, keys in raw.items():
-        path = f"search.space.student.arch.{arch}"
-        if arch not in MODELS:
-            raise SpecError(path, f"unknown arch {arch!r}; allowed: {', '.join(sorted(MODELS))}")
-        keys = keys or {}
-        if not isinstance(keys, dict):
-            raise SpecError(path, "expected a mapping of this arch's student keys, e.g. {width: {choice: [4, 8]}}, or {}")
+    def parse(arch, key, where, value):
+        dotted = ALIASES.get(key, key)
+        if not dotted.startswith("student.") or dotted == "student.arch" or field_at(dotted) is None:
+            raise SpecError(where, "not a student key; use width or a dotted path under student")
+        if key in shared or dotted in shared:
+            raise SpecError(where, f"also given at search.space.{key}; give it in one place")
         with_arch = {**spec_dict, "student": {**spec_dict["student"], "arch": arch}}
-        dims = {}
-        for key, value in keys.items():
-            dotted = ALIASES.get(key, key)
-            if not dotted.startswith("student.") or dotted == "student.arch" or field_at(dotted) is None:
-                raise SpecError(f"{path}.{key}", "not a student key; use width or a dotted path under student")
-            if key in shared or dotted in shared:
-                raise SpecError(f"{path}.{key}", f"also given at search.space.{key}; give it in one place")
-            dims[key] = _parse_dim(f"{path}.{key}", value, _spec_value_check(with_arch, dotted))
-        archs[arch] = dims
-    return archs
+        return _parse_dim(where, value, _spec_value_check(with_arch, dotted))
+
+    return _parse_branches(raw, "search.space.student.arch", MODELS, "arch", "{width: {choice: [4, 8]}}", parse)
 
 
 def parse_space(spec) -> SearchSpace:

@@ -245,7 +245,7 @@ def test_defaults_of_a_minimal_spec(tmp_path):
                                          "batch_size": 64, "cache_dir": None, "feature_cache_mb": 1024}
     assert spec.student.model_dump() == {"arch": "mlp", "width": 128}
     assert spec.train.model_dump() == {"epochs": 5, "batch_size": 128, "optimizer": "adam", "lr": 0.001,
-                                       "ce_weight": 1.0, "checkpoint_every": 2}
+                                       "ce_weight": 1.0, "checkpoint_every": 2, "mixed_precision": True}
     search = spec.search
     assert search.space == {}
     assert [(o.metric, o.mode) for o in search.objectives] == [("val_acc", "max"), ("params", "min")]
