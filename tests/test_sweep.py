@@ -31,12 +31,15 @@ def smoke(tmp_path_factory, mnist_root, teacher_cache):
 
 def test_result_files_and_terminal_tables(smoke):
     out, trials = smoke["out"], smoke["trials"]
-    for column in ["trial_id", "loss", "width", "train.lr", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta",
+    for column in ["trial_id", "loss", "student.arch", "width", "mlp.width", "cnn.width", "train.lr", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta",
                    "crd.beta", "params", "val_acc", "test_acc", "epochs", "status", "mlflow_run_id"]:
         assert column in trials.columns
     search = trials[trials["phase"] == "search"]
-    assert len(search) == 4 + 5  # num_samples in --smoke, plus loss=none at each of the 5 widths
-    assert set(search[search["loss"] == "none"]["width"]) == {16, 32, 64, 128, 256}
+    assert len(search) == 4 + 6  # num_samples in --smoke, plus loss=none at each arch's widths
+    baselines = search[search["loss"] == "none"]
+    assert set(zip(baselines["student.arch"], baselines["width"])) == {
+        ("mlp", 64), ("mlp", 256), ("cnn", 4), ("cnn", 6), ("cnn", 8), ("cnn", 12)}
+    assert (search["width"] == search["mlp.width"].fillna(search["cnn.width"])).all()  # the chosen arch's width
     # a parameter is blank where it does not apply
     assert search[search["loss"] != "kd"]["kd.temperature"].isna().all()
     assert (search["status"] == "FINISHED").all() and (search["epochs"] == 1).all()
