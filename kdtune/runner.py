@@ -62,13 +62,14 @@ def run_sweep(spec, options: Options) -> int:
     data, teacher_info = prepare(spec, space)
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, spec.name)
-    parent_id = _parent_run(client, exp_id, spec_dict, out_dir, _storage(spec, options), uri, options.resume)
+    storage = _storage(spec, options)
+    parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, options.resume)
     log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
     status, teacher_done, temp_dir = "FAILED", time.time(), None
     try:
         temp_dir = init_ray(options.address or spec.ray.address)
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id)
-        trials = _search_and_confirm(spec, space, data, ctx, client, _storage(spec, options), options.resume)
+        trials = _search_and_confirm(spec, space, data, ctx, client, storage, options.resume)
         interrupted = bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
         report(spec, trials, out_dir, client, parent_id, {
