@@ -102,6 +102,11 @@ class Splits:
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])
 
+    def map(self, fn) -> "Splits":
+        """The same splits with `fn` applied to each of the six arrays (moved, converted)."""
+        return Splits(fn(self.train_x), fn(self.train_y), fn(self.val_x), fn(self.val_y),
+                      fn(self.test_x), fn(self.test_y), self.num_classes)
+
 
 def load_splits(dataset: str, root: str | Path, val_size: int, seed: int,
                 train_limit: int | None = None, test_limit: int | None = None) -> Splits:

@@ -37,21 +37,18 @@ class SweepData:
     def __getstate__(self):
         """Tensors travel as numpy arrays: Ray maps those from its object store without a
         copy, so a trial starts without unpickling hundreds of MB of data."""
-        s = self.splits
-        tensors = {"splits": [t.numpy() for t in (s.train_x, s.train_y, s.val_x, s.val_y, s.test_x, s.test_y)],
-                   "targets": {k: v.numpy() for k, v in self.targets.items()}}
-        return {**self.__dict__, **tensors, "num_classes": s.num_classes}
+        return {**self.__dict__, "splits": self.splits.map(torch.Tensor.numpy),
+                "targets": {k: v.numpy() for k, v in self.targets.items()}}
 
     def __setstate__(self, state):
         with warnings.catch_warnings():  # the shared buffers are read-only, and trials only read them
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            splits = Splits(*map(torch.from_numpy, state.pop("splits")), state.pop("num_classes"))
+            splits = state.pop("splits").map(torch.from_numpy)
             targets = {k: torch.from_numpy(v) for k, v in state.pop("targets").items()}
         self.__dict__.update(state, splits=splits, targets=targets)
 
     def to(self, device) -> "SweepData":
-        s = self.splits
-        moved = Splits(*(t.to(device) for t in (s.train_x, s.train_y, s.val_x, s.val_y, s.test_x, s.test_y)), s.num_classes)
+        moved = self.splits.map(lambda t: t.to(device))
         return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, self.teacher_arch, self.teacher_state)
 
 

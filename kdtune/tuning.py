@@ -123,10 +123,9 @@ class TrackingCallback(tune.Callback):
         self.objective, self.sign = objective, 1 if mode == "max" else -1
         self.done, self.best = 0, None
         self.out = out
-        self._client = None
 
-    def __getstate__(self):  # Tune pickles callbacks with the experiment; clients do not pickle
-        return {**self.__dict__, "_client": None, "out": None}
+    def __getstate__(self):  # Tune pickles callbacks with the experiment; streams do not pickle
+        return {**self.__dict__, "out": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -134,9 +133,7 @@ class TrackingCallback(tune.Callback):
 
     @property
     def client(self) -> "tracking.MlflowClient":
-        if self._client is None:
-            self._client = tracking.client(self.ctx.tracking_uri)
-        return self._client
+        return tracking.client(self.ctx.tracking_uri)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if not result.get("replayed"):  # a replayed result is logged already

@@ -109,10 +109,12 @@ def test_sweep_data_pickles_through_numpy_and_back(world):
     import pickle
 
     *_, data = world
+    names = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
     state = data.__getstate__()
-    assert all(type(a).__name__ == "ndarray" for a in state["splits"] + list(state["targets"].values()))
+    shipped = [getattr(state["splits"], n) for n in names] + list(state["targets"].values())
+    assert all(type(a).__name__ == "ndarray" for a in shipped)
     back = pickle.loads(pickle.dumps(data, protocol=5))
-    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+    for name in names:
         assert torch.equal(getattr(back.splits, name), getattr(data.splits, name))
     assert back.splits.num_classes == data.splits.num_classes and back.teacher_arch == data.teacher_arch
     assert set(back.targets) == set(data.targets) and all(torch.equal(back.targets[k], data.targets[k]) for k in data.targets)

@@ -81,7 +81,6 @@ class Distiller(nn.Module):
         if unknown:
             raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.params)}")
 
-
     def ce(self, s: Features, labels: torch.Tensor) -> torch.Tensor:
         return self.ce_weight * F.cross_entropy(s.logits, labels)
 
