@@ -16,16 +16,14 @@ from scipy import stats
 from kdtune.pareto import pareto_mask
 from kdtune.results import finished, pareto_table
 
-SIZE = ["student.arch", "width"]
 
 
 def candidates(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
     """Best baseline and best distilled search trial (on val_acc) at every student size on the front."""
     done = finished(trials[trials["phase"] == "search"])
-    sizes = pareto_table(trials, objectives)[SIZE].drop_duplicates()
     picks = []
-    for _, size in sizes.iterrows():
-        same = done[(done["student.arch"] == size["student.arch"]) & (done["width"] == size["width"])]
+    for student in pareto_table(trials, objectives)["student"].drop_duplicates():
+        same = done[done["student"] == student]
         for group in (same[same["loss"] == "none"], same[same["loss"] != "none"]):
             if not group.empty:
                 picks.append(group.loc[group["val_acc"].idxmax()])
@@ -74,7 +72,7 @@ def gain_table(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:
     """Per student size: distilled minus baseline test accuracy, paired by seed, with its interval."""
     done = finished(runs)
     rows = []
-    for (arch, width), group in picks.groupby(SIZE):
+    for student, group in picks.groupby("student"):
         base, kd = group[group["loss"] == "none"], group[group["loss"] != "none"]
         if base.empty or kd.empty:
             continue
@@ -82,7 +80,9 @@ def gain_table(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:
         k_runs = done[done["source_trial"] == kd.iloc[0]["trial_id"]].set_index("seed")["test_acc"]
         paired = pd.concat([b_runs, k_runs], axis=1, keys=["base", "kd"]).dropna()
         mean, low, high = paired_interval(paired["kd"] - paired["base"])
-        rows.append({"student.arch": arch, "width": width, "params": int(base.iloc[0]["params"]),
+        first = base.iloc[0]
+        rows.append({"student": student, "student.arch": first["student.arch"], "width": first["width"],
+                     "params": int(first["params"]),
                      "method": kd.iloc[0]["loss"],
                      "baseline_test_acc": paired["base"].mean(), "baseline_std": paired["base"].std(),
                      "kd_test_acc": paired["kd"].mean(), "kd_std": paired["kd"].std(),

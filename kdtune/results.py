@@ -12,7 +12,7 @@ import pandas as pd
 from kdtune.models import MODELS
 from kdtune.pareto import pareto_mask
 
-BASE_COLUMNS = ["trial_id", "phase", "loss", "student.arch", "width"]
+BASE_COLUMNS = ["trial_id", "phase", "loss", "student.arch", "width", "student"]
 METRIC_COLUMNS = ["params", "extra_params", "val_acc", "test_acc", "epochs", "status", "reason",
                   "mlflow_run_id", "node_id"]
 
@@ -51,20 +51,20 @@ def method_columns(df: pd.DataFrame) -> list[str]:
     """The searched dotted parameters (train.lr, kd.alpha, ...) that have a value somewhere;
     an arch's own keys (cnn.width) are left to the resolved `width` column."""
     return [c for c in df.columns if "." in c and c not in BASE_COLUMNS and c.split(".")[0] not in MODELS
-            and df[c].notna().any()]
+            and ":" not in c and df[c].notna().any()]
 
 
 def kd_gain_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per student (arch, width): the best baseline against the best distilled trial, chosen on val_acc."""
+    """Per student size: the best baseline against the best distilled trial, chosen on val_acc."""
     done = finished(df[df["phase"] == "search"])
     rows = []
-    for (arch, width), group in done.groupby(["student.arch", "width"]):
+    for student, group in done.groupby("student"):
         base = group[group["loss"] == "none"]
         kd = group[group["loss"] != "none"]
         if base.empty or kd.empty:
             continue
         b, k = base.loc[base["val_acc"].idxmax()], kd.loc[kd["val_acc"].idxmax()]
-        rows.append({"student.arch": arch, "width": width, "params": int(b["params"]),
+        rows.append({"student": student, "student.arch": b["student.arch"], "width": b["width"], "params": int(b["params"]),
                      "baseline_val_acc": b["val_acc"], "baseline_test_acc": b["test_acc"],
                      "best_method": k["loss"], "kd_val_acc": k["val_acc"], "kd_test_acc": k["test_acc"],
                      "test_gain": k["test_acc"] - b["test_acc"]})
@@ -113,7 +113,7 @@ def show(df: pd.DataFrame, columns: list[str]) -> str:
 def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict) -> str:
     """The end-of-sweep tables: the front, the KD gain, and how many trials each status had."""
     confirmed = "test_acc_std" in front.columns
-    columns = (["loss"] + method_columns(front) + ["student.arch", "width", "params", "val_acc", "test_acc"]
+    columns = (["loss"] + method_columns(front) + ["student", "params", "val_acc", "test_acc"]
                + (["test_acc_std", "seeds"] if confirmed else []))
     excluded = {k: v for k, v in counts.items() if k != "FINISHED"}
     note = "; ".join(f"{v} {k.lower()} excluded" for k, v in sorted(excluded.items()))

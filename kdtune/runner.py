@@ -1,26 +1,63 @@
-"""One sweep, start to end: data and teacher once, the Tune search, the result files and runs."""
+"""The library entry: `kdtune.run` runs one sweep start to end (data and teacher once, the
+Tune search and confirmation, the result files and runs) and returns its tables.
+
+The CLI (kdtune.sweep) is a thin layer over `run`; so is any notebook or pipeline.
+"""
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import pandas as pd
+from torch import nn
 
 from kdtune import confirm, results, tracking
-from kdtune.datasets import load_splits
-from kdtune.distill import METHODS
+from kdtune.cluster import init_ray, user_modules
+from kdtune.data.resolve import load_splits
+from kdtune.errors import SpecError, TrackingError
+from kdtune.loading import load_spec
+from kdtune.log import log
+from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
+from kdtune.preflight import check_models
 from kdtune.space import SearchSpace, parse_space
-from kdtune.spec import spec_to_dict
-from kdtune.sweep import Options, init_ray, log, versions
+from kdtune.spec import Spec, spec_to_dict
 from kdtune.teacher import FORWARD_PASSES, compute_targets, get_teacher
-from kdtune.tracking import TrackingError
+from kdtune.distill import METHODS
+from kdtune.tracking import ended_statuses
 from kdtune.trial import SweepData
-from kdtune.tuning import SweepContext
 
 SWEEP_STATE = "sweep.json"
+
+
+@dataclass
+class SweepResult:
+    """What a sweep found: the tables it wrote (as DataFrames) and where its runs and files are."""
+
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    kd_gain: pd.DataFrame
+    experiment_id: str
+    parent_run_id: str
+    results_dir: Path
+    status: str  # FINISHED, or KILLED when interrupted (partial tables; resume with resume=True)
+    summary: dict
+
+
+def versions() -> dict:
+    names = ["kdtune", "torch", "torchvision", "ray", "optuna", "mlflow", "pandas", "pydantic"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return {"python": platform.python_version(), **found}
 
 
 def teacher_keys(space: SearchSpace) -> list[str]:
@@ -28,61 +65,118 @@ def teacher_keys(space: SearchSpace) -> list[str]:
     return sorted({key for method in space.methods for key in METHODS[method].teacher_keys})
 
 
-def prepare(spec, space: SearchSpace) -> tuple[SweepData, dict]:
-    """Load the splits, get the teacher, and compute its train-set targets once for all trials."""
-    splits = load_splits(spec.data.dataset, Path(spec.data.root), spec.data.val_size, spec.seed,
-                         spec.data.train_limit, spec.data.test_limit)
-    log(f"data: {spec.data.dataset} train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}")
-    teacher, info = get_teacher(spec, splits, log)
+def _object_name(obj) -> str:
+    return IN_MEMORY + getattr(obj, "__qualname__", type(obj).__qualname__)
+
+
+def with_objects(spec: Spec, teacher, student, data) -> Spec:
+    """The spec with each object given to `run` in place of the key it replaces."""
+    overrides = {}
+    if teacher is not None:
+        overrides["teacher.arch"] = _object_name(teacher)
+    if student is not None:
+        overrides["student.arch"] = _object_name(student)
+    if data is not None:
+        overrides["data.dataset"] = IN_MEMORY + "data"
+    spec = load_spec(spec, overrides) if overrides else spec
+    space_keys = spec.search.space
+    if student is not None and "student.arch" in space_keys:
+        raise SpecError("search.space.student.arch", "kdtune.run(student=...) replaces student.arch, so it cannot "
+                                                     "be searched; search the factory's own arguments as "
+                                                     "student.kwargs.<name>")
+    return spec
+
+
+def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> tuple[SweepData, dict]:
+    """Load the splits, get the teacher, check every model on one batch, and compute the
+    teacher's train-set targets once for all trials."""
+    splits = load_splits(spec.data, spec.seed, data)
+    log(f"data: {spec.data.dataset} train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}, "
+        f"input {tuple(splits.in_shape)}, {splits.num_classes} classes")
+    teacher_model, info = get_teacher(spec, splits, log, teacher)
+    check_models(spec, space, splits, teacher_model, student)
     started = time.time()
-    targets, live = compute_targets(teacher, splits.train_x, teacher_keys(space), spec.teacher.feature_cache_mb)
+    targets, live = compute_targets(teacher_model, splits.train_x, teacher_keys(space), spec.teacher.feature_cache_mb)
     info["targets_seconds"] = round(time.time() - started, 1)
     info["cached_targets"], info["live_targets"] = sorted(targets), live
     if targets:
         log(f"teacher outputs cached once for all trials: {', '.join(sorted(targets))}")
     if live:
         log(f"teacher outputs over the {spec.teacher.feature_cache_mb:g} MB budget, computed live in trials: {', '.join(live)}")
-    return SweepData(splits, targets, spec.teacher.arch, teacher.state_dict()), info
+    return SweepData(splits, targets, teacher_model if live else None, student), info
 
 
-def _storage(spec, options: Options) -> str:
-    root = options.storage or spec.ray.storage_path or str(Path(options.results_dir).resolve())
+def _storage(spec, results_dir: str, storage: Optional[str]) -> str:
+    root = storage or spec.ray.storage_path or str(Path(results_dir).resolve())
     return f"{root.rstrip('/')}/{spec.name}"
 
 
-def run_sweep(spec, options: Options) -> int:
-    from mlflow.tracking import MlflowClient
+def _ship_by_value(*objects) -> None:
+    """Objects given to `run` reach Ray workers pickled by value when their module is the user's
+    own (a notebook's __main__ always is; a script or test module beside it too), so workers
+    need not import it."""
+    import sys
 
+    from ray import cloudpickle
+
+    for obj in objects:
+        if obj is None or isinstance(obj, (tuple, list)):
+            continue
+        name = getattr(obj, "__module__", None) or type(obj).__module__
+        module = sys.modules.get(name)
+        if module is not None and name != "__main__" and user_modules([f"{name}:x"]):
+            cloudpickle.register_pickle_by_value(module)
+
+
+def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callable, None] = None,
+        student: Optional[Callable] = None, data: Optional[tuple] = None, results_dir: Union[str, Path] = "results",
+        tracking_uri: Optional[str] = None, smoke: bool = False, address: Optional[str] = None,
+        storage: Optional[str] = None, resume: bool = False) -> SweepResult:
+    """Run one sweep and return its tables.
+
+    `spec` is a YAML path, a mapping or a Spec. `teacher` (a trained module, used as is, or a
+    factory), `student` (a factory) and `data` (a `(train, test)` pair of datasets of
+    `(image tensor, int label)`) replace the spec's `teacher.arch`, `student.arch` and
+    `data.dataset`. Bad input raises SpecError (or DataError, TeacherError, TrackingError)
+    before Ray starts.
+    """
     started = time.time()
-    out_dir = Path(options.results_dir) / spec.name
-    uri = tracking.absolute_uri(options.tracking_uri or spec.mlflow.tracking_uri)
+    spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data)
+    results_dir = str(results_dir)
+    out_dir = Path(results_dir) / spec.name
+    uri = tracking.absolute_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
-    data, teacher_info = prepare(spec, space)
-    client = MlflowClient(uri)
+    data_, teacher_info = prepare(spec, space, teacher, student, data)
+    client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, spec.name)
-    storage = _storage(spec, options)
-    parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, options.resume)
+    storage = _storage(spec, results_dir, storage)
+    parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
     log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
     status, teacher_done, temp_dir = "FAILED", time.time(), None
+    hint = resume_hint(results_dir)
     try:
-        temp_dir = init_ray(options.address or spec.ray.address)
+        paths = [spec.teacher.arch, spec.data.dataset] + list(space.student_values("student.arch", spec.student.arch))
+        temp_dir = init_ray(address or spec.ray.address, user_modules(p for p in paths if IMPORT_PATH.match(p)))
+        _ship_by_value(teacher, student)
+        from kdtune.tuning import SweepContext
+
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id)
-        trials = _search_and_confirm(spec, space, data, ctx, client, storage, options.resume)
+        trials = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
         interrupted = bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
-        report(spec, trials, out_dir, client, parent_id, {
+        front, gain, summary = report(spec, trials, out_dir, client, parent_id, {
             "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
             "teacher_forward_passes": dict(FORWARD_PASSES),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
             "interrupted": interrupted})
         if interrupted:
-            log(f"interrupted: partial results written to {out_dir}/. {resume_hint(options)}")
+            log(f"interrupted: partial results written to {out_dir}/. {hint}")
     except KeyboardInterrupt:  # before or between Tune's own graceful stops: nothing to write yet
         status = "KILLED"
-        log(f"interrupted. {resume_hint(options)}")
+        log(f"interrupted. {hint}")
         raise
     finally:
         import ray
@@ -94,12 +188,12 @@ def run_sweep(spec, options: Options) -> int:
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    return 130 if status == "KILLED" else 0
+    return SweepResult(trials, front, gain, exp_id, parent_id, out_dir, status, summary)
 
 
-def resume_hint(options: Options) -> str:
-    return (f"Resume with: python -m kdtune.sweep SPEC --resume --results-dir {options.results_dir} "
-            "(and the same --set options)")
+def resume_hint(results_dir: str) -> str:
+    return (f"Resume with: python -m kdtune.sweep SPEC --resume --results-dir {results_dir} "
+            "(and the same --set options), or kdtune.run(..., resume=True)")
 
 
 def _parent_run(client, exp_id: str, spec_dict: dict, out_dir: Path, storage: str, uri: str, resume: bool) -> str:
@@ -124,7 +218,7 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
-    trials = collect(grid, columns, spec, "search", tracking.ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
+    trials = collect(grid, columns, spec, "search", ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
     if spec.search.confirm_seeds == 0 or (trials["status"] == "KILLED").any():
         return trials
     picks = confirm.candidates(trials, objectives(spec))
@@ -133,7 +227,7 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
               for tid in picks["trial_id"] for seed in confirm.seeds(spec.seed, spec.search.confirm_seeds)]
     log(f"confirming {len(picks)} configurations with {spec.search.confirm_seeds} fresh seeds each ({len(points)} runs)")
     grid = run_confirm(spec, data, replace(ctx, phase="confirm"), storage, points, resume)
-    reruns = collect(grid, columns, spec, "confirm", tracking.ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
+    reruns = collect(grid, columns, spec, "confirm", ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
     return pd.concat([trials, reruns], ignore_index=True)
 
 
@@ -151,7 +245,7 @@ def tables(spec, trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return confirm.confirmed_front(means, objectives(spec)), confirm.gain_table(reruns, picks)
 
 
-def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -> None:
+def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     front, gain = tables(spec, trials)
     search_front = results.pareto_table(trials, objectives(spec))
     trials = trials.assign(search_front=trials["trial_id"].isin(search_front["trial_id"]) & (trials["phase"] == "search"))
@@ -170,3 +264,4 @@ def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -
     client.log_metric(parent_id, "trials_finished", len(finished))
     print(results.terminal_report(front, gain, counts))
     print(f"files in {out_dir}/")
+    return front, gain, summary

@@ -110,7 +110,7 @@ def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[s
             status, reason = "KILLED", "interrupted"
         row = dict(config)
         row.update({"trial_id": _trial_id(result), "phase": phase, "loss": plan.method,
-                    "student.arch": plan.spec.student.arch, "width": plan.spec.student.width,
+                    "student.arch": plan.spec.student.arch, "width": plan.spec.student.width, "student": plan.student,
                     "params": metrics.get("params"), "extra_params": metrics.get("extra_params"),
                     "val_acc": metrics.get("val_acc"), "test_acc": metrics.get("test_acc"),
                     "epochs": metrics.get("epoch", 0), "status": status, "reason": reason,

@@ -17,12 +17,47 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from kdtune.distill import METHODS
-from kdtune.models import has_maps
+from kdtune.errors import SpecError
+from kdtune.models import MODELS
+from kdtune.models.resolve import arch_problem
+from kdtune.spec import Spec, field_at
 
 FORMS = ("choice", "uniform", "loguniform", "int")
-ALIASES = {"width": "student.width"}
 SEARCHABLE_SECTIONS = ("student", "train")
-STUDENT_KEYS = ("width", "student.width", "student.arch")
+KWARGS = "student.kwargs."
+
+
+def dotted_key(key: str) -> str:
+    """A search key as a spec path: `width` and an arch branch's `kwargs.x` are short for student's."""
+    if key == "width" or key.startswith("kwargs."):
+        return f"student.{key}"
+    return key
+
+
+def is_student_key(key: str) -> bool:
+    """Keys that set the student's size, so baselines run at each of their choices."""
+    dotted = dotted_key(key)
+    return dotted in ("student.width", "student.arch") or dotted.startswith(KWARGS)
+
+
+def is_searchable(dotted: str) -> bool:
+    if dotted.startswith(KWARGS):
+        return len(dotted) > len(KWARGS) and "." not in dotted[len(KWARGS):]
+    return dotted.split(".")[0] in SEARCHABLE_SECTIONS and field_at(dotted) is not None
+
+
+def set_at(data: dict, dotted: str, value) -> None:
+    """data['student']['kwargs']['x'] = value for 'student.kwargs.x'."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
+
+
+def has_maps(arch: str) -> bool | None:
+    """Whether a built-in architecture has conv feature maps; None for models named otherwise
+    (their features are checked on one batch before the sweep starts)."""
+    return getattr(MODELS[arch], "has_maps", False) if arch in MODELS else None
 
 
 @dataclass(frozen=True)
@@ -57,9 +92,9 @@ def _branch(trial, constants: dict, key: str, branches: dict[str, dict[str, Dim]
         _sample(trial, constants, f"{chosen}.{param}", dim)
 
 
-def _choice_points(dims: dict[str, Dim], keys, prefix: str = "") -> list[dict]:
-    """Every combination of the choice values of `keys` (those present as choices)."""
-    keys = [k for k in keys if k in dims and dims[k].form == "choice"]
+def _choice_points(dims: dict[str, Dim], prefix: str = "") -> list[dict]:
+    """Every combination of the choice values of the student's size keys among `dims`."""
+    keys = [k for k in dims if is_student_key(k) and dims[k].form == "choice"]
     return [{f"{prefix}{k}": v for k, v in zip(keys, values)}
             for values in itertools.product(*(dims[k].args for k in keys))]
 
@@ -91,10 +126,10 @@ class SearchSpace:
 
     def baseline_points(self) -> list[dict]:
         """loss=none at every combination of the student's choice values, for the KD-gain table."""
-        shared = _choice_points(self.params, STUDENT_KEYS)
+        shared = _choice_points(self.params)
         if self.archs:
             sizes = [{"student.arch": arch, **size} for arch, dims in self.archs.items()
-                     for size in _choice_points(dims, STUDENT_KEYS, f"{arch}.")]
+                     for size in _choice_points(dims, f"{arch}.")]
             shared = [{**point, **size} for point in shared for size in sizes]
         loss = {"loss": "none"} if len(self.methods) > 1 else {}
         return [{**point, **loss} for point in shared]
@@ -108,15 +143,10 @@ class SearchSpace:
 
 def _spec_value_check(spec_dict: dict, dotted: str) -> Callable[[Any], str | None]:
     """Checks a candidate value by validating the whole spec with it in place."""
-    from kdtune.spec import Spec
 
     def check(value):
         trial = copy.deepcopy(spec_dict)
-        node = trial
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_at(trial, dotted, value)
         try:
             Spec.model_validate(trial)
         except ValidationError as exc:
@@ -126,8 +156,6 @@ def _spec_value_check(spec_dict: dict, dotted: str) -> Callable[[Any], str | Non
 
 
 def _parse_dim(path: str, raw: Any, check: Callable[[Any], str | None]):
-    from kdtune.spec import SpecError
-
     def checked(value, where):
         problem = check(value)
         if problem:
@@ -161,17 +189,15 @@ def _parse_dim(path: str, raw: Any, check: Callable[[Any], str | None]):
     return Dim(form, (checked(lo, f"{where}[0]"), checked(hi, f"{where}[1]")))
 
 
-def _parse_branches(raw: dict, path: str, registry, kind: str, example: str,
+def _parse_branches(raw: dict, path: str, problem: Callable[[str], str | None], kind: str, example: str,
                     parse: Callable[[str, str, str, Any], Dim]) -> dict[str, dict[str, Dim]]:
     """Each branch (a method, or an arch) with its own parameters, each read by
-    `parse(branch, key, key path, value)`."""
-    from kdtune.spec import SpecError
-
+    `parse(branch, key, key path, value)`; `problem(name)` says why a branch name is wrong."""
     branches = {}
     for name, params in raw.items():
         where = f"{path}.{name}"
-        if name not in registry:
-            raise SpecError(where, f"unknown {kind} {name!r}; allowed: {', '.join(sorted(registry))}")
+        if problem(name):
+            raise SpecError(where, problem(name))
         params = params or {}
         if not isinstance(params, dict):
             raise SpecError(where, f"expected a mapping of this {kind}'s parameters, e.g. {example}, or {{}}")
@@ -179,9 +205,11 @@ def _parse_branches(raw: dict, path: str, registry, kind: str, example: str,
     return branches
 
 
-def _parse_methods(raw: Any) -> dict[str, dict[str, Dim]]:
-    from kdtune.spec import SpecError
+def _unknown_method(name: str) -> str | None:
+    return None if name in METHODS else f"unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}"
 
+
+def _parse_methods(raw: Any) -> dict[str, dict[str, Dim]]:
     if isinstance(raw, str):
         raw = {raw: {}}
     if not isinstance(raw, dict) or not raw:
@@ -194,7 +222,7 @@ def _parse_methods(raw: Any) -> dict[str, dict[str, Dim]]:
             raise SpecError(where, f"method {method!r} has no parameter {param!r}; its parameters: {listed}")
         return _parse_dim(where, value, allowed[param].check)
 
-    return _parse_branches(raw, "search.space.loss", METHODS, "method", "{temperature: 4}", parse)
+    return _parse_branches(raw, "search.space.loss", _unknown_method, "method", "{temperature: 4}", parse)
 
 
 def _is_branches(raw: Any) -> bool:
@@ -204,25 +232,21 @@ def _is_branches(raw: Any) -> bool:
 
 def _parse_archs(raw: dict, spec_dict: dict, shared: dict) -> dict[str, dict[str, Dim]]:
     """Each architecture's own student keys (cnn.width), validated with that arch in place."""
-    from kdtune.models import MODELS
-    from kdtune.spec import SpecError, field_at
 
     def parse(arch, key, where, value):
-        dotted = ALIASES.get(key, key)
-        if not dotted.startswith("student.") or dotted == "student.arch" or field_at(dotted) is None:
-            raise SpecError(where, "not a student key; use width or a dotted path under student")
+        dotted = dotted_key(key)
+        if not dotted.startswith("student.") or dotted == "student.arch" or not is_searchable(dotted):
+            raise SpecError(where, "not a student key; use width, kwargs.<name> or a dotted path under student")
         if key in shared or dotted in shared:
             raise SpecError(where, f"also given at search.space.{key}; give it in one place")
         with_arch = {**spec_dict, "student": {**spec_dict["student"], "arch": arch}}
         return _parse_dim(where, value, _spec_value_check(with_arch, dotted))
 
-    return _parse_branches(raw, "search.space.student.arch", MODELS, "arch", "{width: {choice: [4, 8]}}", parse)
+    return _parse_branches(raw, "search.space.student.arch", arch_problem, "arch", "{width: {choice: [4, 8]}}", parse)
 
 
 def parse_space(spec) -> SearchSpace:
     """Validate `spec.search.space` against the spec schema and the method registry."""
-    from kdtune.spec import SpecError, field_at
-
     raw = dict(spec.search.space)
     methods = _parse_methods(raw.pop("loss", {"kd": {}}))
     if spec.search.baselines and "none" not in methods:
@@ -231,17 +255,17 @@ def parse_space(spec) -> SearchSpace:
     archs = _parse_archs(raw.pop("student.arch"), spec_dict, raw) if _is_branches(raw.get("student.arch")) else {}
     params = {}
     for key, value in raw.items():
-        dotted = ALIASES.get(key, key)
+        dotted = dotted_key(key)
         path = f"search.space.{key}"
-        if dotted.split(".")[0] not in SEARCHABLE_SECTIONS or field_at(dotted) is None:
-            raise SpecError(path, "not a searchable key; use width, loss, or a dotted path under "
-                                  f"{' or '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr, student.arch)")
+        if not is_searchable(dotted):
+            raise SpecError(path, "not a searchable key; use width, loss, student.kwargs.<name>, or a dotted "
+                                  f"path under {' or '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr, student.arch)")
         params[key] = _parse_dim(path, value, _spec_value_check(spec_dict, dotted))
     space = SearchSpace(params, methods, archs)
     archs = space.student_values("student.arch", spec.student.arch)
     for name in methods:
         if METHODS[name].needs_conv_student:
-            flat = [a for a in archs if not has_maps(a)]
+            flat = [a for a in archs if has_maps(a) is False]
             if flat:
                 raise SpecError(f"search.space.loss.{name}",
                                 f"method {name!r} needs a conv student, but student.arch can be {flat[0]!r}; "
@@ -258,21 +282,25 @@ class TrialPlan:
     method_params: dict
     seed: int
 
+    @property
+    def student(self) -> str:
+        """The student's size as one label (arch, width, constructor kwargs): the unit of the KD-gain table."""
+        s = self.spec.student
+        return " ".join([s.arch] + ([str(s.width)] if s.width is not None else [])
+                        + [f"{k}={v}" for k, v in sorted(s.kwargs.items())])
+
 
 def resolve(spec, config: dict) -> TrialPlan:
     """Apply a trial's flat config (as sampled, or a confirmation rerun's) to the spec."""
-    from kdtune.spec import Spec
-
     method = config.get("loss", "none")
     prefix = f"{method}."
     method_params = {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
     data = spec.model_dump(mode="python")
     arch_prefix = f"{config.get('student.arch', spec.student.arch)}."
     for key, value in config.items():
-        dotted = ALIASES.get(key, key)
+        dotted = dotted_key(key)
         if key.startswith(arch_prefix):  # the chosen arch's own keys, e.g. cnn.width
-            dotted = ALIASES.get(key[len(arch_prefix):], key[len(arch_prefix):])
+            dotted = dotted_key(key[len(arch_prefix):])
         if dotted.split(".")[0] in SEARCHABLE_SECTIONS:
-            section, leaf = dotted.split(".", 1)
-            data[section][leaf] = value
+            set_at(data, dotted, value)
     return TrialPlan(Spec.model_validate(data), method, method_params, int(config.get("seed", spec.seed)))

@@ -1,59 +1,75 @@
-"""The sweep spec: YAML loaded safely into a strict schema.
+"""The sweep spec's strict schema (kdtune.loading reads YAML into it).
 
-Every mistake becomes a `SpecError` that names the file, the key path and what is
-allowed, so the CLI can exit 2 before Ray or MLflow start.
+Every mistake becomes a `SpecError` that names the key path and what is allowed, so
+the CLI can exit 2 before Ray or MLflow start.
 """
 from __future__ import annotations
 
-import copy
 import re
-from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kdtune.datasets import DATASETS
-from kdtune.models import MODELS
+from kdtune.data.base import DATASETS
+from kdtune.models.resolve import IMPORT_PATH, IN_MEMORY, arch_problem
 
 METRICS = ("val_acc", "val_loss", "params", "extra_params")
-
-
-class SpecError(Exception):
-    """A spec problem at a key path; str() is the user-facing message."""
-
-    def __init__(self, path: str, message: str, file: str | None = None):
-        super().__init__(path, message)
-        self.path, self.message, self.file = path, message, file
-
-    def __str__(self) -> str:
-        where = f"{self.file}: " if self.file else ""
-        return f"{where}{self.path or '<top>'}: {self.message}"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _one_of(registry, kind):
-    def check(value):
-        if value not in registry:
-            raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(sorted(registry))}")
+def check_arch(value: str) -> str:
+    problem = arch_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def check_dataset(value: str) -> str:
+    if value in DATASETS or value.startswith(IN_MEMORY) or IMPORT_PATH.match(value):
         return value
-    return check
+    raise ValueError(f"unknown dataset {value!r}; built-in: {', '.join(sorted(DATASETS))}; "
+                     "or an import path package.module:factory returning (train, test) datasets")
+
+
+class Augment(Strict):
+    """Random crop with zero padding `crop` and horizontal flips, drawn on the trial's device."""
+
+    crop: int = Field(0, ge=0)
+    flip: bool = False
 
 
 class DataSpec(Strict):
-    dataset: str = "mnist"
+    dataset: str = "mnist"  # a built-in name or an import path `package.module:factory`
     root: str = "data"
+    download: bool = False
     val_size: int = Field(5000, ge=1)
     train_limit: Optional[int] = Field(None, ge=2)
     test_limit: Optional[int] = Field(None, ge=1)
+    num_classes: Optional[int] = Field(None, ge=2)
+    augment: Augment = Field(default_factory=Augment)
 
-    _dataset = field_validator("dataset")(_one_of(DATASETS, "dataset"))
+    _dataset = field_validator("dataset")(check_dataset)
 
 
-class TeacherSpec(Strict):
+class FeatureNodes(Strict):
+    """Graph nodes (torchvision.models.feature_extraction names) of a model that is not built in."""
+
+    embedding: Optional[str] = None
+    maps: list[str] = Field(default_factory=list)
+
+
+class ModelSpec(Strict):
+    arch: str  # a built-in name, `torchvision:<name>` or an import path `package.module:factory`
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    features: Optional[FeatureNodes] = None
+
+    _arch = field_validator("arch")(check_arch)
+
+
+class TeacherSpec(ModelSpec):
     arch: str = "mnist_cnn"
     checkpoint: Optional[str] = None
     epochs: int = Field(3, ge=1)
@@ -61,22 +77,32 @@ class TeacherSpec(Strict):
     batch_size: int = Field(64, ge=1)
     cache_dir: Optional[str] = None
     feature_cache_mb: float = Field(1024, ge=0)
+    cache: Literal["auto", "outputs", "augmentations", "live"] = "auto"
+    cache_mb: float = Field(4096, ge=0)
 
-    _arch = field_validator("arch")(_one_of(MODELS, "arch"))
 
-
-class StudentSpec(Strict):
+class StudentSpec(ModelSpec):
     arch: str = "mlp"
-    width: int = Field(128, ge=1)
+    width: Optional[int] = Field(None, ge=1)  # each family has its own default
 
-    _arch = field_validator("arch")(_one_of(MODELS, "arch"))
+
+class Schedule(Strict):
+    type: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    warmup_epochs: float = Field(0, ge=0)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
 
 
 class TrainSpec(Strict):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
-    optimizer: Literal["adam", "sgd", "adadelta"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd", "adadelta"] = "adam"
     lr: float = Field(0.001, gt=0)
+    momentum: float = Field(0.9, ge=0, le=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Schedule = Field(default_factory=Schedule)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     ce_weight: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(2, ge=1)
     mixed_precision: bool = True  # bf16 autocast of forward and losses on CUDA; CPUs train in fp32
@@ -132,110 +158,6 @@ class Spec(Strict):
     resources: Resources = Field(default_factory=Resources)
     ray: RaySpec = Field(default_factory=RaySpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The schema class that owns the key at `loc`, to list its allowed keys."""
-    model = Spec
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        inner = [a for a in getattr(field.annotation, "__args__", (field.annotation,)) if isinstance(a, type)]
-        model = next((a for a in inner if issubclass(a, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def _explain(error: dict) -> SpecError:
-    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
-    path = ".".join(str(p) for p in loc)
-    if error["type"] == "extra_forbidden":
-        owner = _model_at(loc)
-        allowed = ", ".join(owner.model_fields) if owner else "none"
-        return SpecError(path, f"unknown key; allowed keys here: {allowed}")
-    if error["type"] == "missing":
-        return SpecError(path, "required key is missing")
-    if error["msg"].startswith("Value error, "):  # our own validators (_one_of) already quote the value
-        return SpecError(path, error["msg"].removeprefix("Value error, "))
-    return SpecError(path, f"{error['msg']} (got {error.get('input')!r})")
-
-
-def validate(raw: Any) -> Spec:
-    """Validate a spec mapping (schema, then the search space) or raise SpecError."""
-    from kdtune.space import parse_space  # space validation needs a validated spec to try values on
-
-    if not isinstance(raw, dict):
-        got = "an empty document" if raw is None else type(raw).__name__
-        raise SpecError("", f"the spec must be a YAML mapping of keys, not {got}")
-    try:
-        spec = Spec.model_validate(raw)
-    except ValidationError as exc:
-        raise _explain(exc.errors()[0]) from None
-    parse_space(spec)
-    return spec
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise SpecError(item, "--set takes key.path=value")
-    key, value = item.split("=", 1)
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise SpecError(key, f"value is not valid YAML: {_yaml_problem(exc)}") from None
-    parts = key.split(".")
-    if parts[:2] == ["search", "space"] and len(parts) > 2:  # space keys are dotted paths themselves
-        rest = parts[2:]
-        parts = parts[:2] + (rest if rest[0] == "loss" else [".".join(rest)])
-    return parts, parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        parts, value = _parse_override(item)
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:  # absent or null (e.g. `scheduler: null`): start a mapping
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise SpecError(".".join(parts[: i + 1]), "is not a mapping, so --set cannot go inside it")
-        node[parts[-1]] = value
-    return raw
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line for a YAML error: what kind, where, and the problem (safe_load refuses tags like !!python/...)."""
-    kind = "YAML tag not allowed" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"{kind}{where}: {problem}"
-
-
-def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
-    """Read, override and validate a spec file; every failure is a SpecError naming the file."""
-    path = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError("", f"cannot read the spec file ({exc.strerror})", path) from None
-    except UnicodeDecodeError as exc:
-        raise SpecError("", f"the spec file is not UTF-8 text (byte {exc.start})", path) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError("", _yaml_problem(exc), path) from None
-    try:
-        if isinstance(raw, dict):
-            raw = apply_overrides(raw, list(overrides))
-        return validate(raw)
-    except SpecError as exc:
-        exc.file = path
-        raise
 
 
 def spec_to_dict(spec: Spec) -> dict:

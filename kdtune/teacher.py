@@ -1,4 +1,5 @@
-"""The frozen teacher: trained once and cached, or loaded; its outputs computed once per sweep."""
+"""The frozen teacher: given, loaded from a checkpoint, or trained once and cached; its
+outputs computed once per sweep."""
 from __future__ import annotations
 
 import hashlib
@@ -7,22 +8,21 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtune.datasets import Splits, batches
+from kdtune.data import Splits, batches
 from kdtune.distill import TEACHER_TARGETS
-from kdtune.models import build_model, count_params
+from kdtune.errors import TeacherError
+from kdtune.models.features import student_params, unwrapped
+from kdtune.models.resolve import attach_features, build_model
+from kdtune.trial import accuracy
 
 # Teacher forward passes over whole splits in this process, by split name (tests read it).
 FORWARD_PASSES: Counter = Counter()
-
-
-class TeacherError(Exception):
-    """A teacher checkpoint that is missing, unreadable or does not fit the arch."""
 
 
 def cache_root(spec) -> Path:
@@ -31,42 +31,44 @@ def cache_root(spec) -> Path:
 
 def teacher_config(spec) -> dict:
     """Everything the trained teacher depends on: the cache key."""
-    return {"arch": spec.teacher.arch, "dataset": spec.data.dataset, "val_size": spec.data.val_size,
+    return {"arch": spec.teacher.arch, "kwargs": spec.teacher.kwargs, "dataset": spec.data.dataset, "val_size": spec.data.val_size,
             "train_limit": spec.data.train_limit, "epochs": spec.teacher.epochs, "lr": spec.teacher.lr,
             "batch_size": spec.teacher.batch_size, "seed": spec.seed}
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of a model returning Features."""
-    was_training = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    for start in range(0, len(y), batch_size):
-        logits = model(x[start:start + batch_size]).logits
-        target = y[start:start + batch_size]
-        correct += (logits.argmax(1) == target).sum().item()
-        loss += F.cross_entropy(logits, target, reduction="sum").item()
-    model.train(was_training)
-    return correct / len(y), loss / len(y)
-
-
-def _load_state(path: Path, model: nn.Module) -> dict:
+def _read_checkpoint(path: Path):
+    """A state_dict (bare or under 'state_dict'), or a whole saved module."""
     if not path.is_file():
         raise TeacherError(f"teacher checkpoint {path}: no such file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TeacherError(f"teacher checkpoint {path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+    except Exception:
+        try:  # a whole pickled module needs full unpickling: the user's own file
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise TeacherError(f"teacher checkpoint {path}: not a readable PyTorch checkpoint "
+                               f"({type(exc).__name__})") from None
+    if isinstance(blob, nn.Module):
+        return blob.state_dict()
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
-        raise TeacherError(f"teacher checkpoint {path}: expected a state_dict, got {type(blob).__name__}")
+        raise TeacherError(f"teacher checkpoint {path}: expected a state_dict or a saved module, got {type(blob).__name__}")
+    return state
+
+
+def _load_state(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint into the user's own module; a mismatch names the keys that do not fit."""
+    state = _read_checkpoint(path)
+    target = unwrapped(model)
     try:
-        model.load_state_dict(state)
+        result = target.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         detail = str(exc).split("\n", 1)[-1].strip().splitlines()[0]
-        raise TeacherError(f"teacher checkpoint {path}: does not fit arch {model.__class__.__name__} ({detail})") from None
-    return blob
+        raise TeacherError(f"teacher checkpoint {path}: does not fit arch {type(target).__name__} ({detail})") from None
+    problems = [f"{what} keys: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+    if problems:
+        raise TeacherError(f"teacher checkpoint {path}: does not fit arch {type(target).__name__} ({'; '.join(problems)})")
 
 
 def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None]) -> None:
@@ -87,36 +89,52 @@ def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], N
         log(f"teacher epoch {epoch + 1}/{spec.teacher.epochs}: val_acc {val_acc:.4f} ({time.time() - start:.0f}s)")
 
 
-def get_teacher(spec, splits: Splits, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
-    """The frozen teacher and its facts (params, test_acc, checkpoint path, whether it was cached)."""
-    model = build_model(spec.teacher.arch, splits.in_shape, splits.num_classes)
-    started = time.time()
-    if spec.teacher.checkpoint:
-        path = Path(spec.teacher.checkpoint)
+def _cached_or_trained(spec, model: nn.Module, splits: Splits, log) -> tuple[str, str]:
+    """Load the spec's teacher from the cache, or train and cache it: (source, checkpoint path)."""
+    config = teacher_config(spec)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    name = spec.teacher.arch.replace(":", "-").replace("/", "-")
+    path = cache_root(spec) / "teachers" / f"{name}-{spec.data.dataset.replace(':', '-')}-{key}.pt"
+    if path.is_file():
         _load_state(path, model)
-        source = "given"
+        log(f"teacher: reusing cached checkpoint {path}")
+        return "cached", str(path)
+    log(f"teacher: training {spec.teacher.arch} for {spec.teacher.epochs} epoch(s)")
+    train_teacher(model, spec, splits, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save({"state_dict": unwrapped(model).state_dict(), "config": config}, partial)
+    partial.replace(path)
+    return "trained", str(path)
+
+
+def get_teacher(spec, splits: Splits, log: Callable[[str], None],
+                given: Union[nn.Module, Callable, None] = None) -> tuple[nn.Module, dict]:
+    """The frozen teacher and its facts (params, test_acc, where it came from).
+
+    `given` (from kdtune.run) is a trained module, used as is, or a factory to train from."""
+    started = time.time()
+    path = None
+    if isinstance(given, nn.Module):
+        model, source = attach_features(given, spec.teacher.features, "teacher"), "given"
     else:
-        config = teacher_config(spec)
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        path = cache_root(spec) / "teachers" / f"{spec.teacher.arch}-{spec.data.dataset}-{key}.pt"
-        if path.is_file():
-            _load_state(path, model)
-            source = "cached"
-            log(f"teacher: reusing cached checkpoint {path}")
-        else:
-            log(f"teacher: training {spec.teacher.arch} for {spec.teacher.epochs} epoch(s)")
+        model = build_model(spec.teacher, splits.in_shape, splits.num_classes, "teacher", given=given)
+        if spec.teacher.checkpoint:
+            path, source = spec.teacher.checkpoint, "checkpoint"
+            _load_state(Path(path), model)
+        elif given is not None:  # an in-memory factory has no stable identity to cache under
+            log(f"teacher: training the given factory for {spec.teacher.epochs} epoch(s)")
             train_teacher(model, spec, splits, log)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            torch.save({"state_dict": model.state_dict(), "config": config}, partial)
-            partial.replace(path)
             source = "trained"
+        else:
+            source, path = _cached_or_trained(spec, model, splits, log)
     model.eval().requires_grad_(False)
     test_acc, _ = accuracy(model, splits.test_x, splits.test_y)
     FORWARD_PASSES["test"] += 1
-    log(f"teacher: {count_params(model):,} params, test_acc {test_acc:.4f} ({source})")
-    return model, {"arch": spec.teacher.arch, "params": count_params(model), "test_acc": test_acc,
-                   "checkpoint": str(path), "source": source, "seconds": round(time.time() - started, 1)}
+    params = student_params(model)
+    log(f"teacher: {params:,} params, test_acc {test_acc:.4f} ({source})")
+    return model, {"arch": spec.teacher.arch, "params": params, "test_acc": test_acc,
+                   "checkpoint": path, "source": source, "seconds": round(time.time() - started, 1)}
 
 
 @torch.no_grad()

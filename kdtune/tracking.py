@@ -17,14 +17,12 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from kdtune.errors import TrackingError
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 LOGGED_METRICS = ("val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches")
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
-
-
-class TrackingError(Exception):
-    """The tracking URI cannot be used."""
 
 
 def absolute_uri(uri: str | None) -> str:

@@ -13,26 +13,44 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kdtune.datasets import Splits, batches
+from kdtune.data import Splits, batches
 from kdtune.distill import METHODS, TEACHER_TARGETS
-from kdtune.models import build_model, count_params
+from kdtune.models import count_params
+from kdtune.models.features import student_params
+from kdtune.models.resolve import build_model
 from kdtune.space import TrialPlan
-from kdtune.teacher import accuracy
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adadelta": torch.optim.Adadelta}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a model returning Features."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size]).logits
+        target = y[start:start + batch_size]
+        correct += (logits.argmax(1) == target).sum().item()
+        loss += F.cross_entropy(logits, target, reduction="sum").item()
+    model.train(was_training)
+    return correct / len(y), loss / len(y)
 
 
 @dataclass
 class SweepData:
     """What every trial shares, computed once per sweep: the splits and the teacher's cached
-    train-set targets, plus the teacher weights for targets too large to cache."""
+    train-set targets, the frozen teacher itself for targets too large to cache, and the
+    student factory given to kdtune.run (for `student.arch: python:...`)."""
 
     splits: Splits
     targets: dict[str, torch.Tensor]
-    teacher_arch: str
-    teacher_state: dict = field(repr=False, default_factory=dict)
+    teacher: Optional[nn.Module] = field(repr=False, default=None)
+    student_factory: Optional[Callable] = field(repr=False, default=None)
 
     def __getstate__(self):
         """Tensors travel as numpy arrays: Ray maps those from its object store without a
@@ -49,7 +67,8 @@ class SweepData:
 
     def to(self, device) -> "SweepData":
         moved = self.splits.map(lambda t: t.to(device))
-        return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, self.teacher_arch, self.teacher_state)
+        teacher = self.teacher.to(device) if self.teacher is not None else None
+        return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, teacher, self.student_factory)
 
 
 class TeacherTargets:
@@ -61,9 +80,7 @@ class TeacherTargets:
         self.teacher = None
         self.live_batches = 0
         if self.live:
-            self.teacher = build_model(data.teacher_arch, data.splits.in_shape, data.splits.num_classes)
-            self.teacher.load_state_dict(data.teacher_state)
-            self.teacher.to(device).eval().requires_grad_(False)
+            self.teacher = data.teacher.to(device).eval().requires_grad_(False)
 
     def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {k: v.index_select(0, idx) for k, v in self.cached.items()}
@@ -73,7 +90,6 @@ class TeacherTargets:
                 features = self.teacher(x)
             out.update({k: TEACHER_TARGETS[k](features) for k in self.live})
         return out
-
 
 
 def _optimizer(plan: TrialPlan, modules: list[nn.Module]) -> torch.optim.Optimizer:
@@ -99,7 +115,8 @@ def run_trial(plan: TrialPlan, data: SweepData,
     torch.manual_seed(plan.seed)
     generator = torch.Generator().manual_seed(plan.seed)
     splits = data.splits
-    student = build_model(spec.student.arch, splits.in_shape, splits.num_classes, spec.student.width).to(device)
+    student = build_model(spec.student, splits.in_shape, splits.num_classes, "student", spec.student.width,
+                          data.student_factory).to(device)
     method = METHODS[plan.method]
     targets = TeacherTargets(data, method.teacher_keys, device)
     probe = torch.arange(2, device=device)
@@ -117,7 +134,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         first_epoch = state["epoch"]
-    fixed = {"params": count_params(student), "extra_params": count_params(distiller)}
+    fixed = {"params": student_params(student), "extra_params": count_params(distiller)}
     epochs, n = spec.train.epochs, len(splits.train_y)
     metrics: dict = {}
     for epoch in range(first_epoch, epochs):

@@ -34,8 +34,9 @@ class SweepContext:
 def trial_params(plan, config: dict) -> dict:
     """A trial's parameters for MLflow: the sampled config plus the resolved student and method."""
     method_defaults = {f"{plan.method}.{k}": v for k, v in plan.method_params.items()}
-    return {"loss": plan.method, "student.arch": plan.spec.student.arch, "width": plan.spec.student.width,
-            "train.lr": plan.spec.train.lr, "train.epochs": plan.spec.train.epochs, "seed": plan.seed,
+    student = plan.spec.student
+    return {"loss": plan.method, "student.arch": student.arch, "width": student.width,
+            **{f"student.kwargs.{k}": v for k, v in student.kwargs.items()}, "train.lr": plan.spec.train.lr, "train.epochs": plan.spec.train.epochs, "seed": plan.seed,
             **method_defaults, **config}
 
 
@@ -56,7 +57,7 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     if state:  # the checkpoint carries the trial's run
         run_id = state["mlflow_run_id"]
     else:
-        name = f"{trial_id} {plan.method} {plan.spec.student.arch}{plan.spec.student.width}"
+        name = f"{trial_id} {plan.method} {plan.student}"
         run_id = tracking.child_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id, name,
                                     trial_params(plan, config), {"kdtune.phase": ctx.phase})
     final = tracking.final_result(client, run_id)

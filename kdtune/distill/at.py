@@ -16,7 +16,7 @@ def attention_distance(student_map: torch.Tensor, teacher_attention: torch.Tenso
 
 @register
 class AttentionTransfer(Distiller):
-    """CE + beta/2 * sum over the two stages of the attention distance.
+    """CE + beta/2 * sum over the last two stages of the attention distance.
 
     Only spatial maps are compared, so channel counts may differ; beta is large because
     each normalised map's squared differences are tiny.
@@ -29,5 +29,5 @@ class AttentionTransfer(Distiller):
     teacher_keys = ("attention0", "attention1")
 
     def losses(self, s, t, labels, idx, progress):
-        at = sum(attention_distance(s.maps[i], t[f"attention{i}"]) for i in range(2))
+        at = sum(attention_distance(s.maps[i - 2], t[f"attention{i}"]) for i in range(2))
         return {"ce": self.ce(s, labels), "at": self.hp["beta"] / 2 * at}

@@ -28,8 +28,8 @@ def attention(feature_map: torch.Tensor) -> torch.Tensor:
 TEACHER_TARGETS: dict[str, Callable[[Features], torch.Tensor]] = {
     "logits": lambda f: f.logits,
     "embedding": lambda f: f.embedding,
-    "attention0": lambda f: attention(f.maps[0]),
-    "attention1": lambda f: attention(f.maps[1]),
+    "attention0": lambda f: attention(f.maps[-2]),  # the last two stages
+    "attention1": lambda f: attention(f.maps[-1]),
 }
 
 

@@ -1,49 +1,11 @@
-"""Teacher and student networks behind one interface.
-
-Every model returns `Features`, so a distillation method can ask for logits, the
-penultimate embedding or intermediate feature maps without knowing the architecture.
-"""
+"""The MNIST family: the PyTorch example's teacher and the small MLP and CNN students."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class Features:
-    logits: torch.Tensor
-    embedding: torch.Tensor
-    maps: list[torch.Tensor] = field(default_factory=list)
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    def add(builder):
-        MODELS[name] = builder
-        return builder
-    return add
-
-
-def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, width: int | None = None) -> nn.Module:
-    if arch not in MODELS:
-        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(sorted(MODELS))}")
-    kwargs = {} if width is None else {"width": width}
-    return MODELS[arch](in_shape=in_shape, num_classes=num_classes, **kwargs)
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def has_maps(arch: str) -> bool:
-    """Whether an architecture exposes convolutional feature maps (needed by attention transfer)."""
-    return getattr(MODELS[arch], "has_maps", False)
+from kdtune.models.base import Features, register_model
 
 
 @register_model("mnist_cnn")

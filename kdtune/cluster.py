@@ -1,0 +1,64 @@
+"""Ray for a sweep: a private local instance, or a cluster joined with its token, with the
+user's own model and dataset modules shipped to every node."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+
+def _installed(path: Path) -> bool:
+    """Whether a module file belongs to the Python installation (site-packages, stdlib)."""
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    return any(str(path).startswith(str(Path(r).resolve())) for r in roots) or "site-packages" in path.parts
+
+
+def user_modules(import_paths: Iterable[str]) -> list[str]:
+    """Local files or package folders of the `package.module:attr` paths that are not installed:
+    the trials on other nodes import them through Ray's runtime_env `py_modules`."""
+    found = []
+    for path in import_paths:
+        top = path.split(":", 1)[0].split(".")[0]
+        module = sys.modules.get(top)
+        origin = getattr(module, "__file__", None)
+        if not origin:
+            continue
+        origin = Path(origin).resolve()
+        shipped = origin.parent if origin.name == "__init__.py" else origin
+        if not _installed(origin) and str(shipped) not in found:
+            found.append(str(shipped))
+    return found
+
+
+def init_ray(address: Optional[str], py_modules: list[str] = ()):
+    """Join `address`, or start a private local Ray in kdtune's own temp dir (never attach by accident).
+    Returns that temp dir (None when joining), for the caller to remove."""
+    import ray
+
+    runtime_env = {"py_modules": list(py_modules)} if py_modules else None
+
+    # Snapshot the experiment state at every step, not every 10+ s: a driver killed between two
+    # snapshots loses the trials started since, and --resume would sample them anew.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        # Token auth (Ray >= 2.52): `ray start --head` turns it on when a token is at hand (RAY_AUTH_TOKEN,
+        # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but ray.init(address=...) sends the token only with
+        # RAY_AUTH_MODE=token. Do as the head does unless RAY_AUTH_MODE is set (e.g. disabled); a cluster
+        # without auth ignores the token.
+        has_token = (bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+                     or (Path.home() / ".ray" / "auth_token").is_file())
+        if has_token and "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = "token"
+            ray._raylet.Config.initialize("")  # ray is imported already: make it re-read RAY_AUTH_MODE
+        ray.init(address=address, runtime_env=runtime_env, **quiet)
+        return None
+    temp_dir = tempfile.mkdtemp(prefix="kdtune-ray-", dir="/tmp")
+    ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False, runtime_env=runtime_env, **quiet)
+    return temp_dir

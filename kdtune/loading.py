@@ -1,0 +1,137 @@
+"""Loading a spec: a YAML file (read with `yaml.safe_load`), a mapping or a Spec, with
+`--set`-style overrides, validated by the schema and then by the search space."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kdtune.errors import SpecError
+from kdtune.space import parse_space
+from kdtune.spec import Spec, spec_to_dict
+
+# `--smoke`: the same sweep shrunk to about a minute on 2 cores.
+SMOKE = ["data.train_limit=5000", "data.val_size=1000", "data.test_limit=1000", "teacher.epochs=1",
+         "train.epochs=1", "search.num_samples=4", "search.scheduler=null"]
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the key at `loc`, to list its allowed keys."""
+    model = Spec
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        inner = [a for a in getattr(field.annotation, "__args__", (field.annotation,)) if isinstance(a, type)]
+        model = next((a for a in inner if issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _explain(error: dict) -> SpecError:
+    loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
+    path = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = ", ".join(owner.model_fields) if owner else "none"
+        return SpecError(path, f"unknown key; allowed keys here: {allowed}")
+    if error["type"] == "missing":
+        return SpecError(path, "required key is missing")
+    if error["msg"].startswith("Value error, "):  # our own validators (check_arch, ...) already quote the value
+        return SpecError(path, error["msg"].removeprefix("Value error, "))
+    return SpecError(path, f"{error['msg']} (got {error.get('input')!r})")
+
+
+def validate(raw: Any) -> Spec:
+    """Validate a spec mapping (schema, then the search space) or raise SpecError."""
+    if not isinstance(raw, dict):
+        got = "an empty document" if raw is None else type(raw).__name__
+        raise SpecError("", f"the spec must be a YAML mapping of keys, not {got}")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise _explain(exc.errors()[0]) from None
+    parse_space(spec)
+    return spec
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise SpecError(item, "--set takes key.path=value")
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise SpecError(key, f"value is not valid YAML: {_yaml_problem(exc)}") from None
+    parts = key.split(".")
+    if parts[:2] == ["search", "space"] and len(parts) > 2:  # space keys are dotted paths themselves
+        rest = parts[2:]
+        parts = parts[:2] + (rest if rest[0] == "loss" else [".".join(rest)])
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent or null (e.g. `scheduler: null`): start a mapping
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise SpecError(".".join(parts[: i + 1]), "is not a mapping, so --set cannot go inside it")
+        node[parts[-1]] = value
+    return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what kind, where, and the problem (safe_load refuses tags like !!python/...)."""
+    kind = "YAML tag not allowed" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{kind}{where}: {problem}"
+
+
+def _read(path: str) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError("", f"cannot read the spec file ({exc.strerror})", path) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError("", f"the spec file is not UTF-8 text (byte {exc.start})", path) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError("", _yaml_problem(exc), path) from None
+
+
+def load_spec(source: str | Path | dict | Spec, overrides: Iterable[str] | Mapping[str, Any] = (),
+              smoke: bool = False) -> Spec:
+    """A validated Spec from a YAML file, a mapping or a Spec, with overrides applied.
+
+    `overrides` are `key.path=value` strings (as `--set` takes them) or a mapping of key paths
+    to values; `smoke` shrinks the sweep to about a minute. Every failure is a SpecError
+    naming the key (and the file).
+    """
+    if isinstance(overrides, Mapping):
+        overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    overrides = (SMOKE if smoke else []) + list(overrides)
+    path = str(source) if isinstance(source, (str, Path)) else None
+    raw = _read(path) if path else spec_to_dict(source) if isinstance(source, Spec) else source
+    try:
+        if isinstance(raw, dict):
+            raw = apply_overrides(raw, overrides)
+        spec = validate(raw)
+    except SpecError as exc:
+        exc.file = path
+        raise
+    if smoke:
+        spec.search.confirm_seeds = min(spec.search.confirm_seeds, 2)
+    return spec

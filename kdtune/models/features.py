@@ -1,0 +1,83 @@
+"""Any `nn.Module` as a model that returns `Features`.
+
+Built-in models return `Features` themselves. Other models (torchvision's, a user's) return
+logits; their embedding and stage maps are read at graph nodes the spec names, through
+torchvision's `create_feature_extractor`, so no hook is written by hand.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from kdtune.models.base import Features, count_params
+
+
+class LogitsModel(nn.Module):
+    """A model whose output is its logits (or already `Features`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x) -> Features:
+        out = self.model(x)
+        return out if isinstance(out, Features) else Features(out)
+
+    def own_parameters(self) -> int:
+        return count_params(self.model)
+
+
+class NodeFeatures(nn.Module):
+    """Logits from the model's output node; embedding and maps from named nodes."""
+
+    def __init__(self, model: nn.Module, embedding: str | None, maps: list[str]):
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        super().__init__()
+        train_nodes, eval_nodes = get_graph_node_names(model)
+        wanted = ([embedding] if embedding else []) + list(maps)
+        nodes = {name: name for name in wanted}
+        self.embedding, self.maps = embedding, list(maps)
+        self.graph = create_feature_extractor(
+            model, train_return_nodes={**nodes, train_nodes[-1]: "logits"},
+            eval_return_nodes={**nodes, eval_nodes[-1]: "logits"})
+        object.__setattr__(self, "original", model)  # shares its parameters; not a second submodule
+
+    def forward(self, x) -> Features:
+        out = self.graph(x)
+        embedding = out[self.embedding].flatten(1) if self.embedding else None
+        return Features(out["logits"], embedding, [out[name] for name in self.maps])
+
+    def own_parameters(self) -> int:
+        return count_params(self.original)
+
+
+def node_names(model: nn.Module) -> list[str]:
+    """The model's graph node names (eval mode), as `features` may name them."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    return get_graph_node_names(model)[1]
+
+
+def student_params(model: nn.Module) -> int:
+    """The deployable model's own parameters: what the Pareto front counts."""
+    own = getattr(model, "own_parameters", None)
+    return own() if own else count_params(model)
+
+
+def is_builtin(model: nn.Module) -> bool:
+    """A model of one of kdtune's own families, which returns `Features` itself."""
+    return type(model).__module__.startswith("kdtune.models.")
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's own module inside a wrapper (the deployable student, the teacher's head)."""
+    return getattr(model, "original", None) or getattr(model, "model", None) or model
+
+
+def with_features(model: nn.Module, embedding: str | None = None, maps: list[str] = ()) -> nn.Module:
+    """`model` returning `Features`: as is for built-ins, else wrapped (by named nodes if any)."""
+    if embedding or maps:
+        return NodeFeatures(model, embedding, list(maps))
+    if is_builtin(model):
+        return model
+    return LogitsModel(model)

@@ -1,0 +1,84 @@
+"""Before Ray starts: build every student size the space can sample, run one batch through it
+and each method, so a wrong model, feature node or method pairing is a SpecError at its key."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.errors import SpecError
+from kdtune.models.features import node_names, unwrapped
+from kdtune.models.resolve import build_model
+from kdtune.space import SearchSpace, resolve
+
+PROBE = 2  # images in the probe batch
+
+
+def _needs(method) -> set[str]:
+    """The features a method reads of the student and teacher alike."""
+    keys = set(method.teacher_keys)
+    return {"embedding"} & keys | ({"maps"} if any(k.startswith("attention") for k in keys) else set())
+
+
+def _missing(features, need: set[str]) -> list[str]:
+    return [n for n in sorted(need) if (n == "embedding" and features.embedding is None)
+            or (n == "maps" and len(features.maps) < 2)]
+
+
+def _feature_hint(who: str, what: str, model: nn.Module) -> str:
+    key = f"{who}.features.embedding: <node>" if what == "embedding" else f"{who}.features.maps: [<node>, <node>]"
+    try:
+        nodes = ", ".join(node_names(unwrapped(model))[-12:])
+    except Exception:  # a model torch.fx cannot trace has no node names to offer
+        nodes = "see torchvision.models.feature_extraction.get_graph_node_names"
+    return f"add {key} (its last nodes: {nodes})"
+
+
+def _output_check(features, num_classes: int, where: str, arch: str) -> None:
+    logits = features.logits
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (PROBE, num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise SpecError(where, f"{arch} returned output {shape} for a batch of {PROBE}; expected "
+                               f"[batch, num_classes] = [{PROBE}, {num_classes}]")
+
+
+def _run(model: nn.Module, x: torch.Tensor, where: str, arch: str):
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as exc:
+        raise SpecError(where, f"{arch} failed on a batch of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}") from None
+
+
+def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_factory=None) -> None:
+    """Every student size and every method, on one batch of training images."""
+    x = splits.train_x[:PROBE]
+    idx = torch.arange(PROBE)
+    teacher_out = _run(teacher, x, "teacher.arch", spec.teacher.arch)
+    _output_check(teacher_out, splits.num_classes, "teacher.arch", spec.teacher.arch)
+    for name in space.methods:
+        lacking = _missing(teacher_out, _needs(METHODS[name]))
+        if lacking:
+            raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the teacher's {lacking[0]}; "
+                                                         + _feature_hint("teacher", lacking[0], teacher))
+    targets = {k: TEACHER_TARGETS[k](teacher_out) for k in {k for m in space.methods for k in METHODS[m].teacher_keys}}
+    for point in space.baseline_points() or [{}]:
+        plan = resolve(spec, point)
+        s = plan.spec.student
+        student = build_model(s, splits.in_shape, splits.num_classes, "student", s.width, student_factory)
+        out = _run(student, x, "student.arch", plan.student)
+        _output_check(out, splits.num_classes, "student.arch", plan.student)
+        for name in space.methods:
+            method = METHODS[name]
+            lacking = _missing(out, _needs(method))
+            if lacking:
+                raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the student's {lacking[0]} "
+                                                             f"({plan.student}); " + _feature_hint("student", lacking[0], student))
+            try:
+                distiller = method(out, targets, len(splits.train_y), spec.train.ce_weight)
+                distiller.train()
+                distiller(out, targets, splits.train_y[:PROBE], idx, 0.0)
+            except Exception as exc:
+                raise SpecError(f"search.space.loss.{name}", f"method {name!r} failed on {plan.student}'s features: "
+                                                             f"{type(exc).__name__}: {exc}") from None
