@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdtune.distill import METHODS, TEACHER_TARGETS
-from kdtune.models import Features, build_model
+from kdtune.models import Features, create_model
 
 
 def make(name, student, teacher, num_train=16, **params):
@@ -298,13 +298,13 @@ CASES = [(name, arch) for name in sorted(METHODS) for arch in ("mlp", "cnn")
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    return build_model("mnist_cnn", (1, 28, 28), 10).eval()
+    return create_model("mnist_cnn", (1, 28, 28), 10).eval()
 
 
 @pytest.mark.parametrize("name,arch", CASES)
 def test_gradients_reach_student_and_heads_not_teacher(teacher, name, arch):
     torch.manual_seed(0)
-    student = build_model(arch, (1, 28, 28), 10, width=8)
+    student = create_model(arch, (1, 28, 28), 10, width=8)
     x, labels, num_train = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), 64
     with torch.no_grad():
         t_features = teacher(x)

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from kdtune import results
-from kdtune.models import build_model
+from kdtune.models import create_model
 
 
 def write_spec(path, **overrides):
@@ -97,7 +97,7 @@ def test_bad_teacher_checkpoint_is_a_clear_error_naming_the_file(tmp_path, run_c
     if problem == "corrupt":
         checkpoint.write_bytes(b"not a checkpoint at all")
     elif problem == "other-arch":
-        torch.save(build_model("mlp", (1, 28, 28), 10, 64).state_dict(), checkpoint)
+        torch.save(create_model("mlp", (1, 28, 28), 10, 64).state_dict(), checkpoint)
     spec = write_spec(tmp_path / "s.yaml", teacher={"checkpoint": str(checkpoint)})
     done = run_cli([spec], tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr

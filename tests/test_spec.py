@@ -16,8 +16,10 @@ import optuna
 import pytest
 
 from kdtune.distill import METHODS
+from kdtune.models import MODELS
 from kdtune.space import Dim, SearchSpace, parse_space, resolve
-from kdtune.spec import SpecError, apply_overrides, load_spec
+from kdtune import SpecError, load_spec
+from kdtune.loading import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "search_spaces" / "mnist-mlp.yaml"  # the core-sweep contract's spec
@@ -56,7 +58,7 @@ def run_cli(spec: Path | str, workdir: Path, *extra: str) -> subprocess.Complete
 # interpreter (run_cli) to prove the two paths agree.
 DRIVER = r"""
 import json, os, runpy, sys, traceback
-import kdtune.datasets, kdtune.spec, kdtune.teacher, kdtune.tracking  # what main() imports
+import kdtune  # what main() imports
 assert "kdtune.sweep" not in sys.modules
 statuses = []
 for case in json.load(sys.stdin):
@@ -239,13 +241,19 @@ def test_defaults_of_a_minimal_spec(tmp_path):
     path.write_text("name: only-name\n")
     spec = load_spec(path)
     assert spec.seed == 0
-    assert spec.data.model_dump() == {"dataset": "mnist", "root": "data", "val_size": 5000,
-                                      "train_limit": None, "test_limit": None}
-    assert spec.teacher.model_dump() == {"arch": "mnist_cnn", "checkpoint": None, "epochs": 3, "lr": 1.0,
-                                         "batch_size": 64, "cache_dir": None, "feature_cache_mb": 1024}
-    assert spec.student.model_dump() == {"arch": "mlp", "width": 128}
+    assert spec.data.model_dump() == {"dataset": "mnist", "root": "data", "download": False, "val_size": 5000,
+                                      "train_limit": None, "test_limit": None, "num_classes": None,
+                                      "augment": {"crop": 0, "flip": False}}
+    assert spec.teacher.model_dump() == {"arch": "mnist_cnn", "kwargs": {}, "features": None, "checkpoint": None,
+                                         "epochs": 3, "lr": 1.0, "batch_size": 64, "cache_dir": None,
+                                         "feature_cache_mb": 1024, "cache": "auto", "cache_mb": 4096}
+    assert spec.student.model_dump() == {"arch": "mlp", "kwargs": {}, "features": None, "width": None}
     assert spec.train.model_dump() == {"epochs": 5, "batch_size": 128, "optimizer": "adam", "lr": 0.001,
-                                       "ce_weight": 1.0, "checkpoint_every": 2, "mixed_precision": True}
+                                       "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
+                                       "schedule": {"type": "constant", "warmup_epochs": 0, "milestones": [],
+                                                    "gamma": 0.1},
+                                       "label_smoothing": 0.0, "ce_weight": 1.0, "checkpoint_every": 2,
+                                       "mixed_precision": True}
     search = spec.search
     assert search.space == {}
     assert [(o.metric, o.mode) for o in search.objectives] == [("val_acc", "max"), ("params", "min")]

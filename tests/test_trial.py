@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
-from kdtune.datasets import load_splits
+from kdtune import load_spec
+from kdtune.data.resolve import load_splits
 from kdtune.distill import METHODS
-from kdtune.models import has_maps
-from kdtune.space import resolve
-from kdtune.spec import validate
+from kdtune.space import has_maps, resolve
 from kdtune.teacher import compute_targets, get_teacher
 from kdtune.trial import SweepData, TeacherTargets, run_trial
 
@@ -18,7 +17,7 @@ ALL_KEYS = ["attention0", "attention1", "embedding", "logits"]
 
 
 def make_spec(teacher_cache, mnist_root, **train):
-    return validate({"name": "t", "data": {"root": str(mnist_root), "val_size": 1000, "train_limit": 6000},
+    return load_spec({"name": "t", "data": {"root": str(mnist_root), "val_size": 1000, "train_limit": 6000},
                      "teacher": {"epochs": 1, "cache_dir": str(teacher_cache)},
                      "train": {"epochs": 1, "batch_size": 64, **train}})
 
@@ -26,11 +25,11 @@ def make_spec(teacher_cache, mnist_root, **train):
 @pytest.fixture(scope="module")
 def world(teacher_cache, mnist_root):
     spec = make_spec(teacher_cache, mnist_root)
-    splits = load_splits("mnist", mnist_root, 1000, spec.seed, 6000)
+    splits = load_splits(spec.data, spec.seed)
     teacher, info = get_teacher(spec, splits, print)
     targets, live = compute_targets(teacher, splits.train_x, ALL_KEYS, budget_mb=4096)
     assert live == []
-    return spec, splits, teacher, info, SweepData(splits, targets, "mnist_cnn", teacher.state_dict())
+    return spec, splits, teacher, info, SweepData(splits, targets, teacher)
 
 
 def cases():
@@ -43,7 +42,7 @@ def cases():
 @pytest.mark.parametrize("method,arch,width", list(cases()))
 def test_each_method_trains_a_student_one_epoch(world, method, arch, width):
     spec, _, _, info, data = world
-    before = {k: v.clone() for k, v in data.teacher_state.items()}
+    before = {k: v.clone() for k, v in data.teacher.state_dict().items()}
     plan = resolve(spec, {"loss": method, "student.arch": arch, "width": width})
     reports = []
     metrics = run_trial(plan, data, lambda m, get_state: reports.append(m))
@@ -51,14 +50,14 @@ def test_each_method_trains_a_student_one_epoch(world, method, arch, width):
     assert len(reports) == 1 and not metrics["diverged"]
     assert metrics["val_acc"] > 0.5 and metrics["test_acc"] > 0.5  # chance is 0.1
     assert set(metrics) >= {"loss_ce", "params", "extra_params", "val_acc", "test_acc"}
-    assert all(torch.equal(before[k], v) for k, v in data.teacher_state.items())  # frozen teacher
+    assert all(torch.equal(before[k], v) for k, v in data.teacher.state_dict().items())  # frozen teacher
 
 
 def test_cached_teacher_targets_equal_a_live_forward(world):
     _, splits, teacher, _, data = world
     idx = torch.tensor([5, 17, 1234, 4000])
     cached = TeacherTargets(data, tuple(ALL_KEYS), "cpu")
-    live = TeacherTargets(SweepData(splits, {}, "mnist_cnn", teacher.state_dict()), tuple(ALL_KEYS), "cpu")
+    live = TeacherTargets(SweepData(splits, {}, teacher), tuple(ALL_KEYS), "cpu")
     assert live.live == ALL_KEYS and cached.live == []
     got, expected = cached(idx, splits.train_x[idx]), live(idx, splits.train_x[idx])
     assert live.live_batches == 1 and cached.live_batches == 0
@@ -116,5 +115,5 @@ def test_sweep_data_pickles_through_numpy_and_back(world):
     back = pickle.loads(pickle.dumps(data, protocol=5))
     for name in names:
         assert torch.equal(getattr(back.splits, name), getattr(data.splits, name))
-    assert back.splits.num_classes == data.splits.num_classes and back.teacher_arch == data.teacher_arch
+    assert back.splits.num_classes == data.splits.num_classes and type(back.teacher) is type(data.teacher)
     assert set(back.targets) == set(data.targets) and all(torch.equal(back.targets[k], data.targets[k]) for k in data.targets)

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 
 from kdtune.models.base import MODELS, Features, count_params, register_model
+from kdtune.models.resolve import create_model
 
 NOT_FAMILIES = {"base", "resolve", "features", "__main__"}
 
@@ -15,4 +16,4 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in NOT_FAMILIES:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["MODELS", "Features", "count_params", "register_model"]
+__all__ = ["MODELS", "Features", "count_params", "create_model", "register_model"]

@@ -127,3 +127,11 @@ def attach_features(model: nn.Module, features, where: str) -> nn.Module:
                             + (f"close: {', '.join(close)}; " if close else "")
                             + f"its nodes: {', '.join(names)}")
     return with_features(model, features.embedding, features.maps)
+
+
+def create_model(arch: str, in_shape: tuple[int, ...], num_classes: int, width: Optional[int] = None,
+                 **kwargs) -> nn.Module:
+    """A model by any arch form, returning `Features` (as timm's `create_model`, for scripts and tests)."""
+    from types import SimpleNamespace
+
+    return build_model(SimpleNamespace(arch=arch, kwargs=kwargs, features=None), in_shape, num_classes, "arch", width)
