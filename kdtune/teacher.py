@@ -39,20 +39,20 @@ def teacher_config(spec) -> dict:
 def _read_checkpoint(path: Path):
     """A state_dict (bare or under 'state_dict'), or a whole saved module."""
     if not path.is_file():
-        raise TeacherError(f"teacher checkpoint {path}: no such file")
+        raise TeacherError(f"teacher.checkpoint: {path}: no such file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         try:  # a whole pickled module needs full unpickling: the user's own file
             blob = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
-            raise TeacherError(f"teacher checkpoint {path}: not a readable PyTorch checkpoint "
+            raise TeacherError(f"teacher.checkpoint: {path}: not a readable PyTorch checkpoint "
                                f"({type(exc).__name__})") from None
     if isinstance(blob, nn.Module):
         return blob.state_dict()
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
-        raise TeacherError(f"teacher checkpoint {path}: expected a state_dict or a saved module, got {type(blob).__name__}")
+        raise TeacherError(f"teacher.checkpoint: {path}: expected a state_dict or a saved module, got {type(blob).__name__}")
     return state
 
 
@@ -64,11 +64,11 @@ def _load_state(path: Path, model: nn.Module) -> None:
         result = target.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         detail = str(exc).split("\n", 1)[-1].strip().splitlines()[0]
-        raise TeacherError(f"teacher checkpoint {path}: does not fit arch {type(target).__name__} ({detail})") from None
+        raise TeacherError(f"teacher.checkpoint: {path}: does not fit arch {type(target).__name__} ({detail})") from None
     problems = [f"{what} keys: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
                 for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
     if problems:
-        raise TeacherError(f"teacher checkpoint {path}: does not fit arch {type(target).__name__} ({'; '.join(problems)})")
+        raise TeacherError(f"teacher.checkpoint: {path}: does not fit arch {type(target).__name__} ({'; '.join(problems)})")
 
 
 def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None]) -> None:

@@ -101,7 +101,7 @@ def test_bad_teacher_checkpoint_is_a_clear_error_naming_the_file(tmp_path, run_c
     spec = write_spec(tmp_path / "s.yaml", teacher={"checkpoint": str(checkpoint)})
     done = run_cli([spec], tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"teacher checkpoint {checkpoint}" in done.stderr
+    assert f"teacher.checkpoint: {checkpoint}" in done.stderr
     expected = {"missing": "no such file", "corrupt": "not a readable PyTorch checkpoint", "other-arch": "does not fit arch"}
     assert expected[problem] in done.stderr
     assert not (tmp_path / "results" / "rel" / "search").exists()

@@ -32,6 +32,11 @@ def _unpack_idx(root: Path, folder: str) -> None:
         partial.replace(target)
 
 
+def unpack_bundled(root) -> None:
+    """Fill `<root>/MNIST/raw/` from the copy bundled with kdtune, for torchvision's MNIST class."""
+    _unpack_idx(Path(root), "MNIST")
+
+
 def _load(cls_name: str, root: Path, download: bool) -> RawData:
     import torchvision
 

@@ -10,7 +10,7 @@ import torch
 from kdtune.data.base import DATASETS
 from kdtune.data.splits import Splits, normalise, split
 from kdtune.errors import SpecError
-from kdtune.models.resolve import IN_MEMORY, import_object
+from kdtune.models.resolve import IN_MEMORY, accepts, import_object
 
 WHERE = "data.dataset"
 
@@ -67,7 +67,7 @@ def load_splits(data, seed: int, given: Optional[tuple] = None) -> Splits:
     else:
         factory = import_object(data.dataset, WHERE)
         try:
-            made = factory()
+            made = factory(root=data.root) if accepts(factory, "root") else factory()
         except Exception as exc:
             raise SpecError(WHERE, f"{data.dataset}() raised {type(exc).__name__}: {exc}") from None
         train, test = _pair(made, f"{data.dataset}()")

@@ -64,7 +64,7 @@ def import_object(path: str, where: str) -> Any:
     return found
 
 
-def _accepts(fn: Callable, name: str, by_name_only: bool = False) -> bool:
+def accepts(fn: Callable, name: str, by_name_only: bool = False) -> bool:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -98,10 +98,10 @@ def build_model(spec, in_shape: tuple[int, ...], num_classes: int, where: str,
     """The model a teacher or student spec names (`given` for `python:`), returning `Features`."""
     factory = _factory(spec.arch, f"{where}.arch", given)
     kwargs = {"num_classes": num_classes, **spec.kwargs}
-    if spec.arch in MODELS or _accepts(factory, "in_shape", by_name_only=True):
+    if spec.arch in MODELS or accepts(factory, "in_shape", by_name_only=True):
         kwargs["in_shape"] = tuple(in_shape)
     if width is not None:
-        if spec.arch.startswith(TORCHVISION) or not _accepts(factory, "width"):
+        if spec.arch.startswith(TORCHVISION) or not accepts(factory, "width"):
             raise SpecError(f"{where}.width", f"{spec.arch} takes no width argument; search one of its own "
                                               f"arguments instead, as {where}.kwargs.<name>")
         kwargs["width"] = width
@@ -116,12 +116,13 @@ def build_model(spec, in_shape: tuple[int, ...], num_classes: int, where: str,
 
 
 def attach_features(model: nn.Module, features, where: str) -> nn.Module:
-    """`model` returning `Features`, with its embedding and maps at the spec's named nodes."""
+    """`model` returning `Features`, with its embedding and maps at the spec's named nodes (a node,
+    or a module whose last node is meant, as `create_feature_extractor` reads it)."""
     if features is None:
         return with_features(model)
     names = node_names(model)
     for key, node in [("embedding", features.embedding)] + [(f"maps[{i}]", m) for i, m in enumerate(features.maps)]:
-        if node is not None and node not in names:
+        if node is not None and node not in names and not any(n.startswith(f"{node}.") for n in names):
             close = difflib.get_close_matches(node, names, n=5)
             raise SpecError(f"{where}.features.{key}", f"no node {node!r} in {type(model).__name__}; "
                             + (f"close: {', '.join(close)}; " if close else "")
