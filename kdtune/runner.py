@@ -166,7 +166,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         trials = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
         interrupted = bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
-        front, gain, summary = report(spec, trials, out_dir, client, parent_id, {
+        trials, front, gain, summary = report(spec, trials, out_dir, client, parent_id, {
             "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
             "teacher_forward_passes": dict(FORWARD_PASSES),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
@@ -245,7 +245,8 @@ def tables(spec, trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return confirm.confirmed_front(means, objectives(spec)), confirm.gain_table(reruns, picks)
 
 
-def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -> tuple:
+    """Write the result files and log them to the parent run: (trials, front, gain, summary)."""
     front, gain = tables(spec, trials)
     search_front = results.pareto_table(trials, objectives(spec))
     trials = trials.assign(search_front=trials["trial_id"].isin(search_front["trial_id"]) & (trials["phase"] == "search"))
@@ -264,4 +265,4 @@ def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -
     client.log_metric(parent_id, "trials_finished", len(finished))
     print(results.terminal_report(front, gain, counts))
     print(f"files in {out_dir}/")
-    return front, gain, summary
+    return trials, front, gain, summary

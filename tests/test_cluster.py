@@ -207,3 +207,36 @@ def test_ray_job_submit_runs_the_sweep(cluster):
     assert "succeeded" in run.stdout + run.stderr
     trials = check_results(out)
     assert set(trials["node_id"]) <= cluster.node_ids
+
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    """A user's student family that only the driver's PYTHONPATH holds."""
+    def __init__(self, num_classes=10, width=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU())
+        self.fc = nn.Linear(width, num_classes)
+    def forward(self, x):
+        return self.fc(self.body(x))
+'''
+
+
+def test_import_path_model_reaches_the_worker_node(cluster):
+    """The student's module is on the driver's PYTHONPATH only; kdtune ships it with Ray's
+    runtime_env, so trials on both nodes build it."""
+    out = cluster.root / "byo"
+    code = out / "usercode"
+    code.mkdir(parents=True)
+    (code / "kdtc_students.py").write_text(USER_MODULE)
+    env = {**cluster.env, "PYTHONPATH": str(code)}
+    run = subprocess.run([sys.executable, "-m", "kdtune.sweep", str(SPEC), "--address", cluster.gcs,
+                          "--storage", str(out / "storage"),
+                          *sweep_args(out, *SPREAD, "student.arch=kdtc_students:Net", "search.space={width: {choice: [8, 16]}, loss: {none: {}, kd: {}}}")],
+                         cwd=out, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    trials = check_results(out)
+    assert set(trials["student.arch"]) == {"kdtc_students:Net"}
+    assert set(trials["node_id"]) == cluster.node_ids, trials[["trial_id", "node_id"]].to_string()
