@@ -12,10 +12,9 @@ import torch
 import yaml
 
 from kdtune.distill import METHODS
-from kdtune.models import has_maps
+from kdtune.loading import load_spec, validate
 from kdtune.runner import prepare
-from kdtune.space import parse_space, resolve
-from kdtune.spec import load_spec, validate
+from kdtune.space import has_maps, parse_space, resolve
 from kdtune.trial import run_trial
 
 
