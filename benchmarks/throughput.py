@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdtune.datasets import DATASETS, batches, load_splits
-from kdtune.models import build_model, count_params
+from kdtune.data import DATASETS, batches
+from kdtune.data.resolve import load_splits
+from kdtune.models import count_params, create_model
 from kdtune.space import parse_space, resolve
-from kdtune.spec import spec_to_dict, validate
+from kdtune.loading import validate
+from kdtune.spec import spec_to_dict
 from kdtune.teacher import compute_targets
 from kdtune.trial import SweepData, run_trial
 
@@ -100,7 +102,7 @@ class TutorialLoop:
         torch.manual_seed(SEED)
         self.loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=0)
         self.teacher = teacher.eval()
-        self.student = build_model("mlp", splits.in_shape, splits.num_classes, WIDTH).train()
+        self.student = create_model("mlp", splits.in_shape, splits.num_classes, WIDTH).train()
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=LR)
         for _, batch in zip(range(3), self.loader):  # warm-up, untimed
             self.step(*batch)
@@ -149,7 +151,7 @@ def epochs_interleaved(args, data: SweepData, teacher) -> dict:
     timed = max(args.epochs, round(QUICK_FRACTION * per_epoch)) if args.quick else per_epoch
     chunks = [len(c) for c in torch.arange(timed).tensor_split(args.epochs)]
     torch.manual_seed(SEED)
-    student = build_model("mlp", data.splits.in_shape, data.splits.num_classes, WIDTH)
+    student = create_model("mlp", data.splits.in_shape, data.splits.num_classes, WIDTH)
     optimizer = torch.optim.Adam(student.parameters(), lr=LR, fused=True)  # what kdtune's trial uses for adam
     generator = torch.Generator().manual_seed(SEED)
     out = {"kd": [], "kd_cpu": [], "floor": [], "floor_cpu": [], "tutorial": [], "tutorial_cpu": []}
@@ -180,7 +182,7 @@ def tune_vs_sequential(args, data: SweepData) -> dict:
 
     from kdtune import tracking
     from kdtune.search import run_search
-    from kdtune.sweep import init_ray
+    from kdtune.cluster import init_ray
     from kdtune.tuning import SweepContext
 
     spec = make_spec(args, trials=args.trials, epochs=args.trial_epochs)
@@ -257,15 +259,15 @@ def main(argv=None) -> int:
           "which kdtune's trainable turns into the same torch.set_num_threads); DataLoader num_workers=0")
 
     clock = Clock()
-    splits = load_splits("mnist", args.data_root, VAL_SIZE, SEED)
+    splits = load_splits(make_spec(args).data, SEED)
     load_seconds = clock.lap()[0]
     torch.manual_seed(SEED)
-    teacher = build_model("mnist_cnn", splits.in_shape, splits.num_classes).eval().requires_grad_(False)
+    teacher = create_model("mnist_cnn", splits.in_shape, splits.num_classes).eval().requires_grad_(False)
     clock = Clock()
     targets, _ = compute_targets(teacher, splits.train_x, ["logits"], budget_mb=1024, batch_size=BATCH)
     targets_seconds = clock.lap()[0]
-    data = SweepData(splits, targets, "mnist_cnn", teacher.state_dict())
-    student_params = count_params(build_model("mlp", splits.in_shape, splits.num_classes, WIDTH))
+    data = SweepData(splits, targets)
+    student_params = count_params(create_model("mlp", splits.in_shape, splits.num_classes, WIDTH))
     print(f"data: MNIST train split {len(splits.train_y):,} images (val {len(splits.val_y):,}), loaded in {load_seconds:.1f}s; "
           f"batch {BATCH}; student mlp 784-{WIDTH}-{WIDTH // 2}-10 ({student_params:,} params); Adam lr {LR:g}; "
           f"KD T={TEMPERATURE:g} alpha={ALPHA:g}")
