@@ -110,11 +110,30 @@ def show(df: pd.DataFrame, columns: list[str]) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict) -> str:
-    """The end-of-sweep tables: the front, the KD gain, and how many trials each status had."""
+GAP_WARNING = 0.005  # a teacher less than half a point above the students has little to teach
+
+
+def teacher_gap(trials: pd.DataFrame, front: pd.DataFrame, gain: pd.DataFrame, teacher_acc: float) -> tuple[pd.DataFrame, dict]:
+    """The front with the teacher's test accuracy beside each student's, and the gap to the best
+    baseline, with a warning when the teacher is not clearly better than the students it teaches."""
+    front = front.assign(teacher_test_acc=teacher_acc, teacher_gap=teacher_acc - front["test_acc"])
+    baselines = finished(trials[(trials["phase"] == "search") & (trials["loss"] == "none")])["test_acc"]
+    if "baseline_test_acc" in gain.columns:
+        baselines = pd.concat([baselines, gain["baseline_test_acc"]])
+    best = float(baselines.max()) if baselines.notna().any() else None
+    warning = None
+    if best is not None and teacher_acc - best < GAP_WARNING:
+        warning = (f"the teacher ({teacher_acc:.2%}) is less than {GAP_WARNING:.1%} above the best baseline student "
+                   f"({best:.2%}): it has little to teach, so a 'no clear gain' verdict says little")
+    return front, {"teacher_test_acc": teacher_acc, "best_baseline_test_acc": best, "warning": warning}
+
+
+def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict, gap: dict | None = None) -> str:
+    """The end-of-sweep tables: the front (beside the teacher), the KD gain, and how many trials
+    each status had."""
     confirmed = "test_acc_std" in front.columns
     columns = (["loss"] + method_columns(front) + ["student", "params", "val_acc", "test_acc"]
-               + (["test_acc_std", "seeds"] if confirmed else []))
+               + (["test_acc_std", "seeds"] if confirmed else []) + ["teacher_gap"])
     excluded = {k: v for k, v in counts.items() if k != "FINISHED"}
     note = "; ".join(f"{v} {k.lower()} excluded" for k, v in sorted(excluded.items()))
     title = "confirmed means over fresh seeds" if confirmed else "search trials"
@@ -125,4 +144,5 @@ def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict) -> st
                                            else "best baseline vs best distilled, chosen on val_acc") + "):",
         show(gain, list(gain.columns)),
         "\nstatus: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-    ])
+    ] + ([f"\nteacher test_acc {gap['teacher_test_acc']:.4f}; best baseline {gap['best_baseline_test_acc'] or float('nan'):.4f}"]
+         if gap else []) + ([f"WARNING: {gap['warning']}"] if gap and gap["warning"] else []))

@@ -248,10 +248,12 @@ def tables(spec, trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -> tuple:
     """Write the result files and log them to the parent run: (trials, front, gain, summary)."""
     front, gain = tables(spec, trials)
+    front, gap = results.teacher_gap(trials, front, gain, summary["teacher"]["test_acc"])
     search_front = results.pareto_table(trials, objectives(spec))
     trials = trials.assign(search_front=trials["trial_id"].isin(search_front["trial_id"]) & (trials["phase"] == "search"))
     counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
-    summary.update({"trials": counts, "front": front.to_dict("records"), "kd_gain": gain.to_dict("records")})
+    summary.update({"trials": counts, "front": front.to_dict("records"), "kd_gain": gain.to_dict("records"),
+                    "teacher_gap": gap})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
     metric = next((m for m, _ in objectives(spec) if m != "params"), "val_acc")
@@ -263,6 +265,6 @@ def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -
     if not finished.empty:
         client.log_metric(parent_id, "best_val_acc", float(finished["val_acc"].max()))
     client.log_metric(parent_id, "trials_finished", len(finished))
-    print(results.terminal_report(front, gain, counts))
+    print(results.terminal_report(front, gain, counts, gap))
     print(f"files in {out_dir}/")
     return trials, front, gain, summary

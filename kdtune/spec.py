@@ -54,6 +54,13 @@ class DataSpec(Strict):
     _dataset = field_validator("dataset")(check_dataset)
 
 
+class Schedule(Strict):
+    type: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    warmup_epochs: float = Field(0, ge=0)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+
 class FeatureNodes(Strict):
     """Graph nodes (torchvision.models.feature_extraction names) of a model that is not built in."""
 
@@ -70,11 +77,18 @@ class ModelSpec(Strict):
 
 
 class TeacherSpec(ModelSpec):
+    """The teacher, and the recipe kdtune trains it with when no checkpoint is given."""
+
     arch: str = "mnist_cnn"
     checkpoint: Optional[str] = None
     epochs: int = Field(3, ge=1)
     lr: float = Field(1.0, gt=0)
     batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd", "adadelta"] = "adadelta"
+    momentum: float = Field(0.9, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Schedule = Field(default_factory=lambda: Schedule(type="step", gamma=0.7, milestones=[1, 2, 3, 4, 5]))
+    augment: Augment = Field(default_factory=Augment)
     cache_dir: Optional[str] = None
     feature_cache_mb: float = Field(1024, ge=0)
     cache: Literal["auto", "outputs", "augmentations", "live"] = "auto"
@@ -84,13 +98,6 @@ class TeacherSpec(ModelSpec):
 class StudentSpec(ModelSpec):
     arch: str = "mlp"
     width: Optional[int] = Field(None, ge=1)  # each family has its own default
-
-
-class Schedule(Strict):
-    type: Literal["constant", "cosine", "step", "onecycle"] = "constant"
-    warmup_epochs: float = Field(0, ge=0)
-    milestones: list[int] = Field(default_factory=list)
-    gamma: float = Field(0.1, gt=0)
 
 
 class TrainSpec(Strict):

@@ -19,7 +19,9 @@ from kdtune.distill import TEACHER_TARGETS
 from kdtune.errors import TeacherError
 from kdtune.models.features import student_params, unwrapped
 from kdtune.models.resolve import attach_features, build_model
-from kdtune.trial import accuracy
+from kdtune.space import TrialPlan
+from kdtune.spec import Spec
+from kdtune.trial import SweepData, accuracy, run_trial
 
 # Teacher forward passes over whole splits in this process, by split name (tests read it).
 FORWARD_PASSES: Counter = Counter()
@@ -31,9 +33,11 @@ def cache_root(spec) -> Path:
 
 def teacher_config(spec) -> dict:
     """Everything the trained teacher depends on: the cache key."""
-    return {"arch": spec.teacher.arch, "kwargs": spec.teacher.kwargs, "dataset": spec.data.dataset, "val_size": spec.data.val_size,
-            "train_limit": spec.data.train_limit, "epochs": spec.teacher.epochs, "lr": spec.teacher.lr,
-            "batch_size": spec.teacher.batch_size, "seed": spec.seed}
+    t = spec.teacher
+    return {"arch": t.arch, "kwargs": t.kwargs, "dataset": spec.data.dataset, "val_size": spec.data.val_size,
+            "train_limit": spec.data.train_limit, "epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size,
+            "optimizer": t.optimizer, "momentum": t.momentum, "weight_decay": t.weight_decay,
+            "schedule": t.schedule.model_dump(), "augment": t.augment.model_dump(), "seed": spec.seed}
 
 
 def _read_checkpoint(path: Path):
@@ -71,22 +75,33 @@ def _load_state(path: Path, model: nn.Module) -> None:
         raise TeacherError(f"teacher.checkpoint: {path}: does not fit arch {type(target).__name__} ({'; '.join(problems)})")
 
 
+def teacher_plan(spec) -> TrialPlan:
+    """Training the teacher as a trial with no teacher: its model as the student, its recipe as
+    the training settings, its augmentation as the data's."""
+    t = spec.teacher
+    raw = spec.model_dump(mode="python")
+    raw["student"] = {"arch": t.arch, "kwargs": t.kwargs, "features": raw["teacher"]["features"], "width": None}
+    raw["train"].update(epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr,
+                        momentum=t.momentum, weight_decay=t.weight_decay, schedule=raw["teacher"]["schedule"],
+                        label_smoothing=0.0, ce_weight=1.0, checkpoint_every=t.epochs)
+    raw["data"]["augment"] = raw["teacher"]["augment"]
+    raw["search"]["space"] = {}
+    return TrialPlan(Spec.model_validate(raw), "none", {}, spec.seed)
+
+
 def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None]) -> None:
-    """The PyTorch MNIST example's recipe: Adadelta, StepLR(gamma 0.7), per-epoch progress."""
-    torch.manual_seed(spec.seed)
-    generator = torch.Generator().manual_seed(spec.seed)
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=spec.teacher.lr)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
-    model.train()
-    for epoch in range(spec.teacher.epochs):
-        start = time.time()
-        for idx in batches(len(splits.train_y), spec.teacher.batch_size, generator):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(splits.train_x[idx]).logits, splits.train_y[idx]).backward()
-            optimizer.step()
-        schedule.step()
-        val_acc, _ = accuracy(model, splits.val_x, splits.val_y)
-        log(f"teacher epoch {epoch + 1}/{spec.teacher.epochs}: val_acc {val_acc:.4f} ({time.time() - start:.0f}s)")
+    """Train `model` in place with the teacher's recipe, through the trial's own training path,
+    on a trial's share of threads (`resources.cpu`): more threads than cores spin rather than work."""
+    def report(metrics: dict, _get_state) -> None:
+        log(f"teacher epoch {metrics['epoch']}/{spec.teacher.epochs}: val_acc {metrics['val_acc']:.4f} "
+            f"({metrics['epoch_seconds']:.0f}s)")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    try:
+        run_trial(teacher_plan(spec), SweepData(splits, {}), report, student=model)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _cached_or_trained(spec, model: nn.Module, splits: Splits, log) -> tuple[str, str]:
@@ -118,6 +133,7 @@ def get_teacher(spec, splits: Splits, log: Callable[[str], None],
     if isinstance(given, nn.Module):
         model, source = attach_features(given, spec.teacher.features, "teacher"), "given"
     else:
+        torch.manual_seed(spec.seed)  # the teacher's initialisation, like a trial's
         model = build_model(spec.teacher, splits.in_shape, splits.num_classes, "teacher", given=given)
         if spec.teacher.checkpoint:
             path, source = spec.teacher.checkpoint, "checkpoint"
@@ -134,7 +150,8 @@ def get_teacher(spec, splits: Splits, log: Callable[[str], None],
     params = student_params(model)
     log(f"teacher: {params:,} params, test_acc {test_acc:.4f} ({source})")
     return model, {"arch": spec.teacher.arch, "params": params, "test_acc": test_acc,
-                   "checkpoint": path, "source": source, "seconds": round(time.time() - started, 1)}
+                   "checkpoint": path, "source": source, "seconds": round(time.time() - started, 1),
+                   **({"recipe": teacher_config(spec)} if source in ("trained", "cached") else {})}
 
 
 @torch.no_grad()

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdtune.data import Splits, batches
+from kdtune.data.augment import Augment
 from kdtune.distill import METHODS, TEACHER_TARGETS
 from kdtune.models import count_params
 from kdtune.models.features import student_params
 from kdtune.models.resolve import build_model
+from kdtune.recipe import make_optimizer, make_schedule
 from kdtune.space import TrialPlan
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adadelta": torch.optim.Adadelta}
 
 
 @torch.no_grad()
@@ -92,18 +93,12 @@ class TeacherTargets:
         return out
 
 
-def _optimizer(plan: TrialPlan, modules: list[nn.Module]) -> torch.optim.Optimizer:
-    params = [p for m in modules for p in m.parameters()]
-    kwargs = {"lr": plan.spec.train.lr}
-    if plan.spec.train.optimizer in ("adam", "sgd"):
-        kwargs["fused"] = True  # one kernel per step instead of one per tensor: per-step overhead is the wall
-    return OPTIMIZERS[plan.spec.train.optimizer](params, **kwargs)
-
-
 def run_trial(plan: TrialPlan, data: SweepData,
               report: Callable[[dict, Optional[Callable[[], dict]]], None],
-              state: Optional[dict] = None, device: str | torch.device = "cpu") -> dict:
-    """Train the plan's student for its epochs; `report(metrics, get_state)` once per epoch.
+              state: Optional[dict] = None, device: str | torch.device = "cpu",
+              student: Optional[nn.Module] = None) -> dict:
+    """Train the plan's student (or the `student` given, in place) for its epochs;
+    `report(metrics, get_state)` once per epoch.
 
     `get_state` is given on checkpoint epochs (every `train.checkpoint_every` and the last):
     calling it returns everything needed to resume. A non-finite loss ends the trial with
@@ -115,27 +110,33 @@ def run_trial(plan: TrialPlan, data: SweepData,
     torch.manual_seed(plan.seed)
     generator = torch.Generator().manual_seed(plan.seed)
     splits = data.splits
-    student = build_model(spec.student, splits.in_shape, splits.num_classes, "student", spec.student.width,
-                          data.student_factory).to(device)
+    if student is None:
+        student = build_model(spec.student, splits.in_shape, splits.num_classes, "student", spec.student.width,
+                              data.student_factory)
+    student = student.to(device)
+    augment = Augment.of(spec.data.augment, splits)
     method = METHODS[plan.method]
     targets = TeacherTargets(data, method.teacher_keys, device)
     probe = torch.arange(2, device=device)
     student.eval()  # the shape probe must not move batch-norm statistics
     with torch.no_grad():
         distiller = method(student(splits.train_x[probe]), targets(probe, splits.train_x[probe]),
-                           len(splits.train_y), spec.train.ce_weight, **plan.method_params).to(device)
+                           len(splits.train_y), spec.train.ce_weight, label_smoothing=spec.train.label_smoothing,
+                           **plan.method_params).to(device)
     targets.live_batches = 0
-    optimizer = _optimizer(plan, [student, distiller])
+    epochs, n = spec.train.epochs, len(splits.train_y)
+    optimizer = make_optimizer(spec.train, [p for m in (student, distiller) for p in m.parameters() if p.requires_grad])
+    schedule = make_schedule(spec.train, optimizer, math.ceil(n / spec.train.batch_size))
     first_epoch = 0
     if state:
         student.load_state_dict(state["student"])
         distiller.load_state_dict(state["distiller"])
         optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         first_epoch = state["epoch"]
     fixed = {"params": student_params(student), "extra_params": count_params(distiller)}
-    epochs, n = spec.train.epochs, len(splits.train_y)
     metrics: dict = {}
     for epoch in range(first_epoch, epochs):
         started = time.time()
@@ -144,12 +145,15 @@ def run_trial(plan: TrialPlan, data: SweepData,
         order = batches(n, spec.train.batch_size, generator, device)
         for step, idx in enumerate(order):
             x, y = splits.train_x.index_select(0, idx), splits.train_y.index_select(0, idx)  # 2x faster than [idx] on CPU
+            if augment:
+                x = augment.apply(x, augment.draw(len(idx), generator, device))
             with torch.autocast(device.type, torch.bfloat16, enabled=mixed_precision):
                 terms = distiller(student(x), targets(idx, x), y, idx, epoch + step / len(order))
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             for name, value in terms.items():
                 sums[name] += value.detach()
         losses = {f"loss_{k}": v.item() / len(order) for k, v in sums.items()}
@@ -164,7 +168,8 @@ def run_trial(plan: TrialPlan, data: SweepData,
 
         def get_state(epoch=epoch):
             return {"student": student.state_dict(), "distiller": distiller.state_dict(),
-                    "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}
         report(metrics, get_state if checkpoint_now else None)
         if diverged:

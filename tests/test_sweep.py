@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC
+from conftest import REPO, SPEC
 
 T_975_DF1 = 12.706204736174698  # Student's t quantile, 0.975, 1 degree of freedom (2 seeds)
 
@@ -31,24 +31,30 @@ def smoke(tmp_path_factory, mnist_root, teacher_cache):
 
 def test_result_files_and_terminal_tables(smoke):
     out, trials = smoke["out"], smoke["trials"]
-    for column in ["trial_id", "loss", "student.arch", "width", "mlp.width", "cnn.width", "train.lr", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta",
+    for column in ["trial_id", "loss", "student.arch", "width", "student", "mlp.width", "gapnet.width", "train.lr", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta",
                    "crd.beta", "params", "val_acc", "test_acc", "epochs", "status", "mlflow_run_id"]:
         assert column in trials.columns
     search = trials[trials["phase"] == "search"]
-    assert len(search) == 4 + 6  # num_samples in --smoke, plus loss=none at each arch's widths
+    assert len(search) == 4 + 5  # num_samples in --smoke, plus loss=none at each arch's widths
     baselines = search[search["loss"] == "none"]
     assert set(zip(baselines["student.arch"], baselines["width"])) == {
-        ("mlp", 64), ("mlp", 256), ("cnn", 4), ("cnn", 6), ("cnn", 8), ("cnn", 12)}
-    assert (search["width"] == search["mlp.width"].fillna(search["cnn.width"])).all()  # the chosen arch's width
+        ("mlp", 64), ("mlp", 256), ("gapnet", 4), ("gapnet", 6), ("gapnet", 12)}
+    assert (search["width"] == search["mlp.width"].fillna(search["gapnet.width"])).all()  # the chosen arch's width
     # a parameter is blank where it does not apply
     assert search[search["loss"] != "kd"]["kd.temperature"].isna().all()
     assert (search["status"] == "FINISHED").all() and (search["epochs"] == 1).all()
-    assert (search["val_acc"] > 0.1).all()
+    assert (search["val_acc"] > 0.05).all() and (search[search["student.arch"] == "mlp"]["val_acc"] > 0.5).all()
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = smoke["summary"]
     assert {"spec", "versions", "teacher", "wall_seconds", "front", "kd_gain"} <= set(summary)
     assert summary["spec"]["data"]["train_limit"] == 5000 and summary["versions"]["torch"]
-    assert 0.5 < summary["teacher"]["test_acc"] <= 1 and summary["teacher"]["params"] == 1_199_882
+    assert 0.1 < summary["teacher"]["test_acc"] <= 1 and summary["teacher"]["params"] == 72_666
+    assert summary["teacher"]["source"] in ("trained", "cached") and summary["teacher"]["recipe"]["optimizer"] == "adamw"
+    gap = summary["teacher_gap"]
+    assert gap["teacher_test_acc"] == summary["teacher"]["test_acc"]
+    assert gap["best_baseline_test_acc"] == pytest.approx(max(
+        search[search["loss"] == "none"]["test_acc"].max(), *[row["baseline_test_acc"] for row in summary["kd_gain"]]))
+    assert "teacher test_acc" in smoke["stdout"]
     assert "Pareto-optimal students" in smoke["stdout"] and "KD gain" in smoke["stdout"]
 
 
@@ -135,3 +141,17 @@ def test_a_space_naming_every_method_runs_each_of_them(tmp_path, run_cli):
     assert set(trials["loss"]) == set(METHODS) == {"none", "kd", "fitnet", "rkd", "crd", "dkd", "at"}
     assert (trials["status"] == "FINISHED").all()
     assert (trials.loc[trials["loss"].isin(["fitnet", "crd"]), "extra_params"] > 0).all()
+
+
+def test_a_weak_teacher_is_flagged(tmp_path, run_cli):
+    """A teacher no better than its students has little to teach: the summary and terminal say so."""
+    done = run_cli([REPO / "search_spaces" / "mnist-mlp.yaml", "--smoke", "--set", "teacher.lr=0.00001",
+                    "--set", "search.confirm_seeds=0", "--set", "search.num_samples=1",
+                    "--set", "search.space.width={choice: [64]}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "mnist-mlp" / "summary.json").read_text())
+    gap = summary["teacher_gap"]
+    assert gap["teacher_test_acc"] < gap["best_baseline_test_acc"] + 0.005
+    assert "little to teach" in gap["warning"] and f"WARNING: {gap['warning']}" in done.stdout
+    front = pd.read_csv(tmp_path / "results" / "mnist-mlp" / "pareto.csv")
+    assert front["teacher_gap"].tolist() == pytest.approx((gap["teacher_test_acc"] - front["test_acc"]).tolist())

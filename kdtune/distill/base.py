@@ -63,8 +63,8 @@ class Distiller(nn.Module):
     """Base of all methods. Subclasses set `name`, `params`, and implement `losses`.
 
     Args given to every method: the student's and the teacher targets' shapes (a forward
-    of one small batch), the training-set size (for memory banks), the CE weight, and the
-    method's own parameters (defaults filled in).
+    of one small batch), the training-set size (for memory banks), the CE weight and label
+    smoothing, and the method's own parameters (defaults filled in).
     """
 
     name: ClassVar[str]
@@ -73,16 +73,16 @@ class Distiller(nn.Module):
     teacher_keys: ClassVar[tuple[str, ...]] = ("logits",)  # the TEACHER_TARGETS this method reads
 
     def __init__(self, student: Features, teacher: dict[str, torch.Tensor], num_train: int,
-                 ce_weight: float = 1.0, **params):
+                 ce_weight: float = 1.0, label_smoothing: float = 0.0, **params):
         super().__init__()
-        self.ce_weight = ce_weight
+        self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
         self.hp = {k: params.get(k, p.default) for k, p in self.params.items()}
         unknown = set(params) - set(self.params)
         if unknown:
             raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.params)}")
 
     def ce(self, s: Features, labels: torch.Tensor) -> torch.Tensor:
-        return self.ce_weight * F.cross_entropy(s.logits, labels)
+        return self.ce_weight * F.cross_entropy(s.logits, labels, label_smoothing=self.label_smoothing)
 
     def losses(self, s: Features, t: dict[str, torch.Tensor], labels: torch.Tensor,
                idx: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
