@@ -13,7 +13,7 @@ from kdtune.models import MODELS
 from kdtune.pareto import pareto_mask
 
 BASE_COLUMNS = ["trial_id", "phase", "loss", "student.arch", "width", "student"]
-METRIC_COLUMNS = ["params", "extra_params", "val_acc", "test_acc", "epochs", "status", "reason",
+METRIC_COLUMNS = ["params", "extra_params", "val_acc", "test_acc", "epochs", "teacher_passes", "status", "reason",
                   "mlflow_run_id", "node_id"]
 
 

@@ -27,7 +27,7 @@ from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
 from kdtune.preflight import check_models
 from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import Spec, spec_to_dict
-from kdtune.teacher import FORWARD_PASSES, compute_targets, get_teacher
+from kdtune.teacher import FORWARD_PASSES, get_teacher, teacher_targets
 from kdtune.distill import METHODS
 from kdtune.tracking import ended_statuses
 from kdtune.trial import SweepData
@@ -96,14 +96,24 @@ def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> 
     teacher_model, info = get_teacher(spec, splits, log, teacher)
     check_models(spec, space, splits, teacher_model, student)
     started = time.time()
-    targets, live = compute_targets(teacher_model, splits.train_x, teacher_keys(space), spec.teacher.feature_cache_mb)
+    targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, teacher_keys(space))
     info["targets_seconds"] = round(time.time() - started, 1)
-    info["cached_targets"], info["live_targets"] = sorted(targets), live
+    info["cache"], info["cached_targets"], info["live_targets"] = mode, sorted(targets), live
     if targets:
-        log(f"teacher outputs cached once for all trials: {', '.join(sorted(targets))}")
+        views = f" for each of the {targets['logits'].shape[1]} augmented views" if per_view else ""
+        log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}: {', '.join(sorted(targets))}")
     if live:
-        log(f"teacher outputs over the {spec.teacher.feature_cache_mb:g} MB budget, computed live in trials: {', '.join(live)}")
-    return SweepData(splits, targets, teacher_model if live else None, student), info
+        log(f"teacher outputs computed live in the trials (teacher.cache: {spec.teacher.cache}): {', '.join(live)}")
+    return SweepData(splits, targets, teacher_model if live else None, student, per_view), info
+
+
+def forward_passes(trials: pd.DataFrame) -> dict:
+    """Teacher passes over each split in full-set equivalents: the driver's (targets once, or one
+    per augmented view) plus the trials' live forwards."""
+    passes = dict(FORWARD_PASSES)
+    live = float(trials["teacher_passes"].fillna(0).sum())
+    passes["train"] = passes.get("train", 0) + (round(live, 3) if live else 0)
+    return passes
 
 
 def _storage(spec, results_dir: str, storage: Optional[str]) -> str:
@@ -168,7 +178,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         status = "KILLED" if interrupted else "FINISHED"
         trials, front, gain, summary = report(spec, trials, out_dir, client, parent_id, {
             "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
-            "teacher_forward_passes": dict(FORWARD_PASSES),
+            "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
             "interrupted": interrupted})

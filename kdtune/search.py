@@ -113,7 +113,8 @@ def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[s
                     "student.arch": plan.spec.student.arch, "width": plan.spec.student.width, "student": plan.student,
                     "params": metrics.get("params"), "extra_params": metrics.get("extra_params"),
                     "val_acc": metrics.get("val_acc"), "test_acc": metrics.get("test_acc"),
-                    "epochs": metrics.get("epoch", 0), "status": status, "reason": reason,
+                    "epochs": metrics.get("epoch", 0), "teacher_passes": metrics.get("teacher_passes"),
+                    "status": status, "reason": reason,
                     "mlflow_run_id": metrics.get("mlflow_run_id"), "node_id": metrics.get("node_id")})
         rows.append(row)
     return results.trials_frame(rows, columns)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtune.data import Splits, batches
+from kdtune.data import Splits
+from kdtune.data.augment import Augment
 from kdtune.distill import TEACHER_TARGETS
-from kdtune.errors import TeacherError
+from kdtune.errors import SpecError, TeacherError
 from kdtune.models.features import student_params, unwrapped
 from kdtune.models.resolve import attach_features, build_model
 from kdtune.space import TrialPlan
@@ -179,3 +180,45 @@ def compute_targets(teacher: nn.Module, x: torch.Tensor, keys: list[str], budget
             for k in cached:
                 out[k].append(TEACHER_TARGETS[k](features))
     return {k: torch.cat(v) for k, v in out.items()}, live
+
+
+@torch.no_grad()
+def compute_view_logits(teacher: nn.Module, x: torch.Tensor, augment: Augment, batch_size: int = 1000) -> torch.Tensor:
+    """The teacher's logits for every augmented view of every image, N x views x classes in fp16:
+    one pass over the set per view, after which any trial's batch reads the exact view it drew."""
+    out = None
+    for view in range(augment.num_views):
+        FORWARD_PASSES["train"] += 1
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            logits = teacher(augment.apply(chunk, torch.full((len(chunk),), view, dtype=torch.long))).logits
+            if out is None:
+                out = torch.empty(len(x), augment.num_views, logits.shape[1], dtype=torch.float16)
+            out[start:start + len(chunk), view] = logits.half()
+    return out
+
+
+def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -> tuple[dict, list, bool, str]:
+    """The teacher's train-set targets for every trial, by `teacher.cache`: (cached targets, keys
+    left live, whether the cache holds every augmented view, the mode used).
+
+    Without augmentation, `outputs` (and `auto`) cache one row per image. With it, a per-image
+    row would be the wrong view, so `augmentations` (and `auto`, when it fits `teacher.cache_mb`)
+    caches the logits of every view; feature targets, and everything under `live`, run live."""
+    mode, augment = spec.teacher.cache, Augment.of(spec.data.augment, splits)
+    if mode == "live" or not keys:
+        return {}, list(keys), False, "live" if keys else "none"
+    if augment is None:
+        targets, live = compute_targets(teacher, splits.train_x, keys, spec.teacher.feature_cache_mb)
+        return targets, live, False, "outputs"
+    if mode == "outputs":
+        raise SpecError("teacher.cache", "outputs caches each image's un-augmented outputs, but data.augment "
+                                         "changes the images every batch; use augmentations, live or auto")
+    size_mb = len(splits.train_y) * augment.num_views * splits.num_classes * 2 / 2 ** 20
+    rest = [k for k in keys if k != "logits"]
+    if "logits" in keys and size_mb <= spec.teacher.cache_mb:
+        return {"logits": compute_view_logits(teacher, splits.train_x, augment)}, rest, True, "augmentations"
+    if mode == "augmentations" and "logits" in keys:
+        raise SpecError("teacher.cache_mb", f"the logits of all {augment.num_views} views take {size_mb:.0f} MB, "
+                                            f"over {spec.teacher.cache_mb:g}; raise it, or use teacher.cache: live")
+    return {}, list(keys), False, "live"

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from kdtune.errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-LOGGED_METRICS = ("val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches")
+LOGGED_METRICS = ("val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches",
+                  "teacher_passes")
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
 
