@@ -245,7 +245,11 @@ def test_defaults_of_a_minimal_spec(tmp_path):
                                       "train_limit": None, "test_limit": None, "num_classes": None,
                                       "augment": {"crop": 0, "flip": False}}
     assert spec.teacher.model_dump() == {"arch": "mnist_cnn", "kwargs": {}, "features": None, "checkpoint": None,
-                                         "epochs": 3, "lr": 1.0, "batch_size": 64, "cache_dir": None,
+                                         "epochs": 3, "lr": 1.0, "batch_size": 64, "optimizer": "adadelta",
+                                         "momentum": 0.9, "weight_decay": 0.0,
+                                         "schedule": {"type": "step", "warmup_epochs": 0,
+                                                      "milestones": [1, 2, 3, 4, 5], "gamma": 0.7},
+                                         "augment": {"crop": 0, "flip": False}, "cache_dir": None,
                                          "feature_cache_mb": 1024, "cache": "auto", "cache_mb": 4096}
     assert spec.student.model_dump() == {"arch": "mlp", "kwargs": {}, "features": None, "width": None}
     assert spec.train.model_dump() == {"epochs": 5, "batch_size": 128, "optimizer": "adam", "lr": 0.001,
@@ -352,15 +356,15 @@ def test_set_malformed(override, key, fragment):
 def test_default_spec_searches_both_families_each_at_its_own_widths():
     spec = load_spec(DEFAULT)
     space = parse_space(spec)
-    assert space.archs == {"mlp": {"width": Dim("choice", (64, 256))}, "cnn": {"width": Dim("choice", (4, 6, 8, 12))}}
-    assert "width" not in space.params and space.student_values("student.arch", spec.student.arch) == ("mlp", "cnn")
+    assert space.archs == {"mlp": {"width": Dim("choice", (64, 256))}, "gapnet": {"width": Dim("choice", (4, 6, 12))}}
+    assert "width" not in space.params and space.student_values("student.arch", spec.student.arch) == ("gapnet", "mlp")
     assert space.baseline_points() == [{"student.arch": a, f"{a}.width": w, "loss": "none"}
-                                       for a, ws in (("mlp", (64, 256)), ("cnn", (4, 6, 8, 12))) for w in ws]
-    assert space.columns[:4] == ["train.lr", "student.arch", "mlp.width", "cnn.width"]
+                                       for a, ws in (("gapnet", (4, 6, 12)), ("mlp", (64, 256))) for w in ws]
+    assert space.columns[:4] == ["train.lr", "student.arch", "gapnet.width", "mlp.width"]
     plan = resolve(spec, {"student.arch": "mlp", "mlp.width": 256, "loss": "none"})
     assert (plan.spec.student.arch, plan.spec.student.width) == ("mlp", 256)
-    plan = resolve(spec, {"student.arch": "cnn", "cnn.width": 6, "mlp.width": 256, "loss": "none"})
-    assert (plan.spec.student.arch, plan.spec.student.width) == ("cnn", 6)  # another arch's keys do not apply
+    plan = resolve(spec, {"student.arch": "gapnet", "gapnet.width": 6, "mlp.width": 256, "loss": "none"})
+    assert (plan.spec.student.arch, plan.spec.student.width) == ("gapnet", 6)  # another arch's keys do not apply
 
 
 def test_arch_branches_sample_only_the_chosen_archs_width():
@@ -372,7 +376,7 @@ def test_arch_branches_sample_only_the_chosen_archs_width():
         widths = {k for k in trial.params if k.endswith(".width")}
         assert widths == {f"{arch}.width"}
         assert trial.params[f"{arch}.width"] in space.archs[arch]["width"].args
-    assert seen == {"mlp", "cnn"}
+    assert seen == {"mlp", "gapnet"}
 
 
 @pytest.mark.parametrize("override,path,fragment", [
