@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -17,14 +17,15 @@ class BuiltinDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     load: Callable[[Path, bool], RawData]  # (root, download) -> RawData; raises DataError
+    num_classes: Optional[int] = None  # fixed by the dataset, so a subset missing a class keeps its width
 
 
 DATASETS: dict[str, BuiltinDataset] = {}
 
 
-def register_dataset(name: str, mean: tuple[float, ...], std: tuple[float, ...]):
+def register_dataset(name: str, mean: tuple[float, ...], std: tuple[float, ...], num_classes: Optional[int] = None):
     """Register `load(root, download)` as the built-in dataset `name`."""
     def add(load):
-        DATASETS[name] = BuiltinDataset(name, mean, std, load)
+        DATASETS[name] = BuiltinDataset(name, mean, std, load, num_classes)
         return load
     return add

@@ -58,8 +58,8 @@ def load_splits(data, seed: int, given: Optional[tuple] = None) -> Splits:
         builtin = DATASETS[data.dataset]
         train_x, train_y, test_x, test_y = builtin.load(Path(data.root), data.download)
         return split(normalise(train_x, builtin.mean, builtin.std), train_y, normalise(test_x, builtin.mean, builtin.std),
-                     test_y, data.val_size, seed, data.train_limit, data.test_limit, data.num_classes,
-                     builtin.mean, builtin.std)
+                     test_y, data.val_size, seed, data.train_limit, data.test_limit,
+                     data.num_classes or builtin.num_classes, builtin.mean, builtin.std)
     if data.dataset.startswith(IN_MEMORY):
         if given is None:
             raise SpecError(WHERE, f"{data.dataset!r} names data given to kdtune.run, and none was given")
