@@ -1,13 +1,16 @@
 """Before Ray starts: build every student size the space can sample, run one batch through it
-and each method, so a wrong model, feature node or method pairing is a SpecError at its key."""
+and each method, so a wrong model, feature node or method pairing is a SpecError at its key;
+and find the teacher's classifier head for the methods that reuse it."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from kdtune.distill import METHODS, TEACHER_TARGETS
 from kdtune.errors import SpecError
-from kdtune.models.features import node_names, unwrapped
+from kdtune.models.features import classifier_head, node_names, unwrapped
 from kdtune.models.resolve import build_model
 from kdtune.space import SearchSpace, resolve
 
@@ -51,8 +54,25 @@ def _run(model: nn.Module, x: torch.Tensor, where: str, arch: str):
         raise SpecError(where, f"{arch} failed on a batch of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}") from None
 
 
-def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_factory=None) -> None:
-    """Every student size and every method, on one batch of training images."""
+def _teacher_head(space: SearchSpace, teacher: nn.Module, teacher_out) -> Optional[nn.Module]:
+    """The teacher's frozen classifier if a method of the space reuses it; else None."""
+    needing = [name for name in space.methods if METHODS[name].needs_teacher_head]
+    if not needing:
+        return None
+    head = classifier_head(teacher, teacher_out)
+    if head is None:
+        dim = teacher_out.embedding.shape[1]
+        raise SpecError(f"search.space.loss.{needing[0]}",
+                        f"method {needing[0]!r} needs the teacher's classifier: the layer that maps its embedding "
+                        f"({dim} features) to its logits. None of a `classifier`, `fc` or `head` module or the last "
+                        "Linear gives the teacher's logits from that embedding; name the classifier's input node as "
+                        "teacher.features.embedding, or drop the method")
+    return head
+
+
+def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_factory=None) -> Optional[nn.Module]:
+    """Every student size and every method, on one batch of training images. Returns the
+    teacher's frozen classifier head when a method reuses it (None otherwise)."""
     x = splits.train_x[:PROBE]
     idx = torch.arange(PROBE)
     teacher_out = _run(teacher, x, "teacher.arch", spec.teacher.arch)
@@ -62,6 +82,7 @@ def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_f
         if lacking:
             raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the teacher's {lacking[0]}; "
                                                          + _feature_hint("teacher", lacking[0], teacher))
+    head = _teacher_head(space, teacher, teacher_out)
     targets = {k: TEACHER_TARGETS[k](teacher_out) for k in {k for m in space.methods for k in METHODS[m].teacher_keys}}
     for point in space.baseline_points() or [{}]:
         plan = resolve(spec, point)
@@ -76,9 +97,10 @@ def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_f
                 raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the student's {lacking[0]} "
                                                              f"({plan.student}); " + _feature_hint("student", lacking[0], student))
             try:
-                distiller = method(out, targets, len(splits.train_y), spec.train.ce_weight)
+                distiller = method(out, targets, len(splits.train_y), spec.train.ce_weight, teacher_head=head)
                 distiller.train()
                 distiller(out, targets, splits.train_y[:PROBE], idx, 0.0)
             except Exception as exc:
                 raise SpecError(f"search.space.loss.{name}", f"method {name!r} failed on {plan.student}'s features: "
                                                              f"{type(exc).__name__}: {exc}") from None
+    return head

@@ -89,12 +89,12 @@ def with_objects(spec: Spec, teacher, student, data) -> Spec:
 
 def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> tuple[SweepData, dict]:
     """Load the splits, get the teacher, check every model on one batch, and compute the
-    teacher's train-set targets once for all trials."""
+    teacher's train-set targets (and take its classifier head, if a method reuses it) once for all trials."""
     splits = load_splits(spec.data, spec.seed, data)
     log(f"data: {spec.data.dataset} train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}, "
         f"input {tuple(splits.in_shape)}, {splits.num_classes} classes")
     teacher_model, info = get_teacher(spec, splits, log, teacher)
-    check_models(spec, space, splits, teacher_model, student)
+    head = check_models(spec, space, splits, teacher_model, student)
     started = time.time()
     targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, teacher_keys(space))
     info["targets_seconds"] = round(time.time() - started, 1)
@@ -104,7 +104,7 @@ def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> 
         log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}: {', '.join(sorted(targets))}")
     if live:
         log(f"teacher outputs computed live in the trials (teacher.cache: {spec.teacher.cache}): {', '.join(live)}")
-    return SweepData(splits, targets, teacher_model if live else None, student, per_view), info
+    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head), info
 
 
 def forward_passes(trials: pd.DataFrame) -> dict:

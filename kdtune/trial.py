@@ -45,14 +45,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 @dataclass
 class SweepData:
     """What every trial shares, computed once per sweep: the splits and the teacher's cached
-    train-set targets, the frozen teacher itself for targets too large to cache, and the
-    student factory given to kdtune.run (for `student.arch: python:...`)."""
+    train-set targets, the frozen teacher itself for targets too large to cache, the teacher's
+    frozen classifier head for methods that reuse it (one layer, not the teacher's body), and
+    the student factory given to kdtune.run (for `student.arch: python:...`)."""
 
     splits: Splits
     targets: dict[str, torch.Tensor]
     teacher: Optional[nn.Module] = field(repr=False, default=None)
     student_factory: Optional[Callable] = field(repr=False, default=None)
     per_view: bool = False  # targets hold every augmented view of each image: N x views x ...
+    teacher_head: Optional[nn.Module] = field(repr=False, default=None)
 
     def __getstate__(self):
         """Tensors travel as numpy arrays: Ray maps those from its object store without a
@@ -69,9 +71,9 @@ class SweepData:
 
     def to(self, device) -> "SweepData":
         moved = self.splits.map(lambda t: t.to(device))
-        teacher = self.teacher.to(device) if self.teacher is not None else None
+        teacher, head = (m.to(device) if m is not None else None for m in (self.teacher, self.teacher_head))
         return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, teacher, self.student_factory,
-                         self.per_view)
+                         self.per_view, head)
 
 
 class TeacherTargets:
@@ -131,7 +133,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
     with torch.no_grad():
         distiller = method(student(splits.train_x[probe]), targets(probe, splits.train_x[probe]),
                            len(splits.train_y), spec.train.ce_weight, label_smoothing=spec.train.label_smoothing,
-                           **plan.method_params).to(device)
+                           teacher_head=data.teacher_head, **plan.method_params).to(device)
     targets.live_batches = targets.live_samples = 0
     epochs, n = spec.train.epochs, len(splits.train_y)
     optimizer = make_optimizer(spec.train, [p for m in (student, distiller) for p in m.parameters() if p.requires_grad])

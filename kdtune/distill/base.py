@@ -2,14 +2,15 @@
 
 A method never calls the teacher: it receives teacher *targets* (logits, embedding,
 feature maps or attention maps, named by `TEACHER_TARGETS`), so the sweep can compute
-them once and share them between trials. It returns a dict of named, already weighted
-loss terms; the trainer sums and logs them.
+them once and share them between trials; a method that reuses the teacher's classifier gets
+a frozen copy of that head alone. It returns a dict of named, already weighted loss terms;
+the trainer sums and logs them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,16 +65,19 @@ class Distiller(nn.Module):
 
     Args given to every method: the student's and the teacher targets' shapes (a forward
     of one small batch), the training-set size (for memory banks), the CE weight and label
-    smoothing, and the method's own parameters (defaults filled in).
+    smoothing, the teacher's frozen classifier head (for methods that set
+    `needs_teacher_head`, else None) and the method's own parameters (defaults filled in).
     """
 
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
     needs_conv_student: ClassVar[bool] = False
+    needs_teacher_head: ClassVar[bool] = False  # reads the teacher's classifier weights, not only its outputs
     teacher_keys: ClassVar[tuple[str, ...]] = ("logits",)  # the TEACHER_TARGETS this method reads
 
     def __init__(self, student: Features, teacher: dict[str, torch.Tensor], num_train: int,
-                 ce_weight: float = 1.0, label_smoothing: float = 0.0, **params):
+                 ce_weight: float = 1.0, label_smoothing: float = 0.0, teacher_head: Optional[nn.Module] = None,
+                 **params):
         super().__init__()
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
         self.hp = {k: params.get(k, p.default) for k, p in self.params.items()}

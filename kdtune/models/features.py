@@ -6,6 +6,10 @@ torchvision's `create_feature_extractor`, so no hook is written by hand.
 """
 from __future__ import annotations
 
+import copy
+from typing import Optional
+
+import torch
 from torch import nn
 
 from kdtune.models.base import Features, count_params
@@ -81,3 +85,32 @@ def with_features(model: nn.Module, embedding: str | None = None, maps: list[str
     if is_builtin(model):
         return model
     return LogitsModel(model)
+
+
+HEAD_NAMES = ("classifier", "fc", "head")  # built-ins' `classifier` property; torchvision's names
+
+
+@torch.no_grad()
+def classifier_head(model: nn.Module, features: Features) -> Optional[nn.Module]:
+    """A frozen copy of the module that maps `model`'s embedding to its logits, or None.
+
+    `features` is the model's output on a probe batch, in eval mode. Candidates are a module named
+    `classifier`, `fc` or `head`, then the last Linear; the first that gives back the logits from
+    the embedding is the head. Checking the output, rather than trusting a name, rejects a head
+    that reads another node (a VGG's classifier takes the flattened map, not a pooled embedding).
+    """
+    if features.embedding is None:
+        return None
+    inner = unwrapped(model)
+    linears = [m for m in inner.modules() if isinstance(m, nn.Linear)]
+    for candidate in [getattr(inner, name, None) for name in HEAD_NAMES] + linears[-1:]:
+        if not isinstance(candidate, nn.Module):
+            continue
+        try:
+            out = candidate(features.embedding)
+        except Exception:  # another input width: not this model's head
+            continue
+        if isinstance(out, torch.Tensor) and out.shape == features.logits.shape \
+                and torch.allclose(out, features.logits, rtol=1e-4, atol=1e-5):
+            return copy.deepcopy(candidate).eval().requires_grad_(False)
+    return None
