@@ -9,8 +9,15 @@ import math
 import pytest
 import torch
 
+import kdtune
+from kdtune.data.splits import split
 from kdtune.distill import METHODS, TEACHER_TARGETS
-from kdtune.models import Features, create_model
+from kdtune.errors import SpecError
+from kdtune.models import Features, count_params, create_model
+from kdtune.models.features import classifier_head
+from kdtune.models.resolve import build_model
+from kdtune.preflight import check_models
+from kdtune.space import parse_space
 
 
 def make(name, student, teacher, num_train=16, **params):
@@ -289,6 +296,111 @@ def test_fitnet_linear_regressor_on_embeddings():
     assert out["hint"].item() == pytest.approx(expected, rel=1e-5)
 
 
+# ---------------------------------------------------------------- SRRL
+
+def frozen_linear(g, n_in, n_out):
+    head = torch.nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(n_out, n_in, generator=g))
+        head.bias.copy_(torch.randn(n_out, generator=g))
+    return head.requires_grad_(False)
+
+
+def srrl_case(seed=8, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    s = Features(torch.randn(batch, 6, generator=g), torch.randn(batch, 3, generator=g, requires_grad=True))
+    t = {"logits": torch.randn(batch, 6, generator=g), "embedding": torch.rand(batch, 5, generator=g)}
+    head = frozen_linear(g, 5, 6)
+    srrl = make("srrl", s, t, teacher_head=head, alpha=2.0, beta=3.0)
+    with torch.no_grad():  # an affine batch norm that is not the identity
+        srrl.norm.weight.copy_(torch.tensor([1.5, 0.5, 1.0, 2.0, 0.7]))
+        srrl.norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0, 0.5]))
+    return s, t, head, srrl
+
+
+def test_srrl_terms_by_hand():
+    s, t, head, srrl = srrl_case()
+    labels = torch.tensor([0, 5, 2, 1])
+    out = srrl.losses(s, t, labels, torch.arange(4), 0.0)
+
+    with torch.no_grad():  # connector: x W^T, normalised by the batch mean and biased variance, affine, ReLU
+        h = s.embedding @ srrl.project.weight.T
+        mean = h.sum(0) / 4
+        var = ((h - mean) ** 2).sum(0) / 4
+        r = ((h - mean) / torch.sqrt(var + 1e-5) * srrl.norm.weight + srrl.norm.bias).clamp_min(0)
+        feature = ((r - t["embedding"]) ** 2).sum() / r.numel()
+        z = r @ head.weight.T + head.bias  # the teacher's classifier on the connected student embedding
+        sr = ((z - t["logits"]) ** 2).sum() / z.numel()
+    ce = -sum(math.log(softmax(s.logits)[b, labels[b]]) for b in range(4)) / 4
+    assert feature > 0 and sr > 0
+    assert out["srrl_feature"].item() == pytest.approx(2.0 * feature.item(), rel=1e-5)
+    assert out["srrl_sr"].item() == pytest.approx(3.0 * sr.item(), rel=1e-5)
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-5)
+
+
+def test_srrl_trains_the_connector_through_the_frozen_head_it_does_not_own():
+    s, t, head, srrl = srrl_case()
+    weights = head.weight.clone()
+    assert count_params(srrl) == 3 * 5 + 2 * 5  # the connector's Linear (no bias) and batch norm only
+    assert not any(k.startswith("head") for k in srrl.state_dict())
+    srrl.losses(s, t, torch.zeros(4, dtype=torch.long), torch.arange(4), 0.0)["srrl_sr"].backward()
+    assert srrl.project.weight.grad.abs().sum() > 0 and s.embedding.grad.abs().sum() > 0
+    assert head.weight.grad is None and torch.equal(head.weight, weights)
+    with pytest.raises(ValueError, match="classifier head"):
+        make("srrl", s, t)
+
+
+def test_srrl_batch_of_one_uses_the_running_statistics():
+    s, t, head, srrl = srrl_case(batch=1)
+    with torch.no_grad():
+        srrl.norm.running_mean.copy_(torch.tensor([0.1, 0.2, -0.3, 0.0, 1.0]))
+        srrl.norm.running_var.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0, 0.25]))
+        expected = srrl.eval().connect(s.embedding)
+        assert torch.equal(srrl.train().connect(s.embedding), expected)
+    assert torch.isfinite(srrl.losses(s, t, torch.zeros(1, dtype=torch.long), torch.arange(1), 0.0)["srrl_sr"])
+
+
+@pytest.mark.parametrize("arch, head_of", [("gapnet_dense", lambda m: m.fc), ("mnist_cnn", lambda m: m.fc2),
+                                           ("mlp", lambda m: m.fc3)])
+def test_classifier_head_of_built_ins_is_a_frozen_copy(arch, head_of):
+    torch.manual_seed(0)
+    model = create_model(arch, (1, 28, 28), 10).eval()
+    features = model(torch.randn(2, 1, 28, 28))
+    head = classifier_head(model, features)
+    assert head is not head_of(model) and torch.equal(head.weight, head_of(model).weight)
+    assert not any(p.requires_grad for p in head.parameters()) and not head.training
+
+
+def srrl_spec(embedding):
+    return kdtune.load_spec({"name": "h", "data": {"dataset": "python:data", "val_size": 8},
+                             "teacher": {"arch": "torchvision:resnet18", "features": {"embedding": embedding}},
+                             "student": {"arch": "gapnet", "width": 4}, "search": {"space": {"loss": {"srrl": {}}}}})
+
+
+@pytest.fixture(scope="module")
+def images_64():
+    g = torch.Generator().manual_seed(0)
+    return split(torch.randn(24, 3, 64, 64, generator=g), torch.arange(24) % 10,
+                 torch.randn(4, 3, 64, 64, generator=g), torch.arange(4), 8, 0)
+
+
+def test_preflight_finds_a_torchvision_teachers_fc_at_its_embedding_node(images_64):
+    spec = srrl_spec("flatten")
+    teacher = build_model(spec.teacher, images_64.in_shape, 10, "teacher").eval()
+    head = check_models(spec, parse_space(spec), images_64, teacher)
+    assert torch.equal(head.weight, teacher.original.fc.weight)
+
+
+def test_preflight_without_a_head_for_the_embedding_is_a_spec_error(images_64):
+    """layer4 on 64x64 images is 512 x 2 x 2: no Linear of resnet18 maps its 2048 values to logits."""
+    spec = srrl_spec("layer4")
+    teacher = build_model(spec.teacher, images_64.in_shape, 10, "teacher").eval()
+    with pytest.raises(SpecError) as info:
+        check_models(spec, parse_space(spec), images_64, teacher)
+    assert info.value.path == "search.space.loss.srrl"
+    assert "needs the teacher's classifier" in info.value.message and "2048 features" in info.value.message
+
+
 # ---------------------------------------------------------------- every method: gradients
 
 CASES = [(name, arch) for name in sorted(METHODS) for arch in ("mlp", "cnn")
@@ -310,7 +422,8 @@ def test_gradients_reach_student_and_heads_not_teacher(teacher, name, arch):
         t_features = teacher(x)
         t = {k: TEACHER_TARGETS[k](t_features) for k in METHODS[name].teacher_keys}
         example = student(x[:4])
-    method = METHODS[name](example, {k: v[:4] for k, v in t.items()}, num_train)
+    head = classifier_head(teacher, t_features)
+    method = METHODS[name](example, {k: v[:4] for k, v in t.items()}, num_train, teacher_head=head)
 
     terms = method.losses(student(x), t, labels, torch.randperm(num_train)[:8], 5.0)
     assert "ce" in terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
@@ -318,7 +431,7 @@ def test_gradients_reach_student_and_heads_not_teacher(teacher, name, arch):
     for pname, p in list(student.named_parameters()) + list(method.named_parameters()):
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}/{arch}: no gradient for {pname}"
-    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in [*teacher.parameters(), *head.parameters()])
 
 
 # ---------------------------------------------------------------- parameters

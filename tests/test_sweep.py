@@ -138,7 +138,7 @@ def test_a_space_naming_every_method_runs_each_of_them(tmp_path, run_cli):
     done = run_cli([spec], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "results" / "all-methods" / "trials.csv")
-    assert set(trials["loss"]) == set(METHODS) == {"none", "kd", "fitnet", "rkd", "crd", "dkd", "at"}
+    assert set(trials["loss"]) == set(METHODS) == {"none", "kd", "fitnet", "rkd", "crd", "dkd", "at", "srrl"}
     assert (trials["status"] == "FINISHED").all()
     assert (trials.loc[trials["loss"].isin(["fitnet", "crd"]), "extra_params"] > 0).all()
 
