@@ -14,9 +14,10 @@ from kdtune.errors import SpecError
 from kdtune.space import parse_space
 from kdtune.spec import Spec, spec_to_dict
 
-# `--smoke`: the same sweep shrunk to about a minute on 2 cores.
+# `--smoke`: the same sweep shrunk to minutes on 2 cores, one CPU per trial, so a GPU-cluster
+# spec is checked on a laptop (`--set resources.gpu=...` after it keeps a GPU).
 SMOKE = ["data.train_limit=5000", "data.val_size=1000", "data.test_limit=1000", "teacher.epochs=1",
-         "train.epochs=1", "search.num_samples=4", "search.scheduler=null"]
+         "train.epochs=1", "search.num_samples=4", "search.scheduler=null", "resources.cpu=1", "resources.gpu=0"]
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

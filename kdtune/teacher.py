@@ -203,8 +203,10 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
     left live, whether the cache holds every augmented view, the mode used).
 
     Without augmentation, `outputs` (and `auto`) cache one row per image. With it, a per-image
-    row would be the wrong view, so `augmentations` (and `auto`, when it fits `teacher.cache_mb`)
-    caches the logits of every view; feature targets, and everything under `live`, run live."""
+    row would be the wrong view, so `augmentations` caches the logits of every view; `auto` does
+    so when that fits `teacher.cache_mb` and costs fewer teacher passes than the sampled trials'
+    epochs would run live (so a short sweep, --smoke among them, runs the teacher live). Feature
+    targets, and everything under `live`, run live."""
     mode, augment = spec.teacher.cache, Augment.of(spec.data.augment, splits)
     if mode == "live" or not keys:
         return {}, list(keys), False, "live" if keys else "none"
@@ -216,7 +218,8 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
                                          "changes the images every batch; use augmentations, live or auto")
     size_mb = len(splits.train_y) * augment.num_views * splits.num_classes * 2 / 2 ** 20
     rest = [k for k in keys if k != "logits"]
-    if "logits" in keys and size_mb <= spec.teacher.cache_mb:
+    cheaper = mode == "augmentations" or augment.num_views <= spec.search.num_samples * spec.train.epochs
+    if "logits" in keys and size_mb <= spec.teacher.cache_mb and cheaper:
         return {"logits": compute_view_logits(teacher, splits.train_x, augment)}, rest, True, "augmentations"
     if mode == "augmentations" and "logits" in keys:
         raise SpecError("teacher.cache_mb", f"the logits of all {augment.num_views} views take {size_mb:.0f} MB, "
