@@ -159,3 +159,12 @@ def test_label_smoothing_enters_the_cross_entropy():
     target = torch.full((5, 4), 0.2 / 4) + 0.8 * F.one_hot(labels, 4)
     expected = -(target * logits.log_softmax(1)).sum(1).mean()
     assert none(features, {}, labels, torch.arange(5), 0.0)["ce"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_auto_caches_every_view_only_when_cheaper_than_running_the_teacher_live(small):
+    """50 views against the sampled trials' epochs (2 each): 24 trials make 48 live passes, 25 make 50."""
+    spec, splits, teacher = small
+    for samples, expected in ((24, "live"), (25, "augmentations")):
+        auto = kdtune.load_spec(spec, {"teacher.cache": "auto", "search.num_samples": samples})
+        *_, used = teacher_targets(auto, teacher, splits, ["logits"])
+        assert used == expected, samples
