@@ -9,6 +9,7 @@ import torch
 from kdtune import load_spec
 from kdtune.data.resolve import load_splits
 from kdtune.distill import METHODS
+from kdtune.models.features import classifier_head
 from kdtune.space import has_maps, resolve
 from kdtune.teacher import compute_targets, get_teacher
 from kdtune.trial import SweepData, TeacherTargets, run_trial
@@ -29,7 +30,9 @@ def world(teacher_cache, mnist_root):
     teacher, info = get_teacher(spec, splits, print)
     targets, live = compute_targets(teacher, splits.train_x, ALL_KEYS, budget_mb=4096)
     assert live == []
-    return spec, splits, teacher, info, SweepData(splits, targets, teacher)
+    with torch.no_grad():
+        head = classifier_head(teacher, teacher(splits.train_x[:2]))  # for SRRL
+    return spec, splits, teacher, info, SweepData(splits, targets, teacher, teacher_head=head)
 
 
 def cases():
