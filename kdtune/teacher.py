@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -90,17 +91,36 @@ def teacher_plan(spec) -> TrialPlan:
     return TrialPlan(Spec.model_validate(raw), "none", {}, spec.seed)
 
 
+def driver_device(spec) -> torch.device:
+    """Where the sweep's own process trains the teacher and computes its outputs: a GPU when the
+    trials get one (`resources.gpu`) and this process sees one, else the CPU. With a CIFAR teacher
+    that is most of a sweep's teacher work (240 epochs, then one pass per augmented view)."""
+    return torch.device("cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device):
+    """`model` on `device` for the block, then back on the CPU, where the driver keeps and ships it."""
+    try:
+        yield model.to(device)
+    finally:
+        model.cpu()
+
+
 def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None]) -> None:
-    """Train `model` in place with the teacher's recipe, through the trial's own training path,
-    on a trial's share of threads (`resources.cpu`): more threads than cores spin rather than work."""
+    """Train `model` in place with the teacher's recipe, through the trial's own training path, on
+    the driver's device and a trial's share of threads (`resources.cpu`): more threads than cores
+    spin rather than work."""
     def report(metrics: dict, _get_state) -> None:
         log(f"teacher epoch {metrics['epoch']}/{spec.teacher.epochs}: val_acc {metrics['val_acc']:.4f} "
             f"({metrics['epoch_seconds']:.0f}s)")
 
+    device = driver_device(spec)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     try:
-        run_trial(teacher_plan(spec), SweepData(splits, {}), report, student=model)
+        with on_device(model, device):
+            run_trial(teacher_plan(spec), SweepData(splits, {}).to(device), report, device=device, student=model)
     finally:
         torch.set_num_threads(threads)
 
@@ -157,13 +177,15 @@ def get_teacher(spec, splits: Splits, log: Callable[[str], None],
 
 @torch.no_grad()
 def compute_targets(teacher: nn.Module, x: torch.Tensor, keys: list[str], budget_mb: float,
-                    split: str = "train", batch_size: int = 1000) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """One teacher pass over `x`, keeping the targets that fit the memory budget (smallest first).
+                    split: str = "train", batch_size: int = 1000,
+                    device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """One teacher pass over `x` (the teacher on `device`, batches moved there), keeping the targets
+    that fit the memory budget (smallest first), on the CPU.
 
     Returns (cached targets, keys left to compute live in the trials)."""
     if not keys:
         return {}, []
-    sample = {k: TEACHER_TARGETS[k](teacher(x[:1])) for k in keys}
+    sample = {k: TEACHER_TARGETS[k](teacher(x[:1].to(device))) for k in keys}
     sizes = {k: v[0].numel() * 4 * len(x) / 2 ** 20 for k, v in sample.items()}
     cached, live, used = [], [], 0.0
     for key in sorted(keys, key=sizes.get):
@@ -176,25 +198,27 @@ def compute_targets(teacher: nn.Module, x: torch.Tensor, keys: list[str], budget
     if cached:
         FORWARD_PASSES[split] += 1
         for start in range(0, len(x), batch_size):
-            features = teacher(x[start:start + batch_size])
+            features = teacher(x[start:start + batch_size].to(device))
             for k in cached:
-                out[k].append(TEACHER_TARGETS[k](features))
+                out[k].append(TEACHER_TARGETS[k](features).cpu())
     return {k: torch.cat(v) for k, v in out.items()}, live
 
 
 @torch.no_grad()
-def compute_view_logits(teacher: nn.Module, x: torch.Tensor, augment: Augment, batch_size: int = 1000) -> torch.Tensor:
-    """The teacher's logits for every augmented view of every image, N x views x classes in fp16:
-    one pass over the set per view, after which any trial's batch reads the exact view it drew."""
+def compute_view_logits(teacher: nn.Module, x: torch.Tensor, augment: Augment, batch_size: int = 1000,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """The teacher's logits for every augmented view of every image, N x views x classes in fp16 on
+    the CPU (the teacher on `device`): one pass over the set per view, after which any trial's
+    batch reads the exact view it drew."""
     out = None
     for view in range(augment.num_views):
         FORWARD_PASSES["train"] += 1
         for start in range(0, len(x), batch_size):
-            chunk = x[start:start + batch_size]
-            logits = teacher(augment.apply(chunk, torch.full((len(chunk),), view, dtype=torch.long))).logits
+            chunk = x[start:start + batch_size].to(device)
+            logits = teacher(augment.apply(chunk, torch.full((len(chunk),), view, device=device))).logits
             if out is None:
                 out = torch.empty(len(x), augment.num_views, logits.shape[1], dtype=torch.float16)
-            out[start:start + len(chunk), view] = logits.half()
+            out[start:start + len(chunk), view] = logits.half().cpu()
     return out
 
 
@@ -210,8 +234,10 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
     mode, augment = spec.teacher.cache, Augment.of(spec.data.augment, splits)
     if mode == "live" or not keys:
         return {}, list(keys), False, "live" if keys else "none"
+    device = driver_device(spec)
     if augment is None:
-        targets, live = compute_targets(teacher, splits.train_x, keys, spec.teacher.feature_cache_mb)
+        with on_device(teacher, device):
+            targets, live = compute_targets(teacher, splits.train_x, keys, spec.teacher.feature_cache_mb, device=device)
         return targets, live, False, "outputs"
     if mode == "outputs":
         raise SpecError("teacher.cache", "outputs caches each image's un-augmented outputs, but data.augment "
@@ -220,7 +246,9 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
     rest = [k for k in keys if k != "logits"]
     cheaper = mode == "augmentations" or augment.num_views <= spec.search.num_samples * spec.train.epochs
     if "logits" in keys and size_mb <= spec.teacher.cache_mb and cheaper:
-        return {"logits": compute_view_logits(teacher, splits.train_x, augment)}, rest, True, "augmentations"
+        with on_device(teacher, device):
+            logits = compute_view_logits(teacher, splits.train_x, augment, device=device)
+        return {"logits": logits}, rest, True, "augmentations"
     if mode == "augmentations" and "logits" in keys:
         raise SpecError("teacher.cache_mb", f"the logits of all {augment.num_views} views take {size_mb:.0f} MB, "
                                             f"over {spec.teacher.cache_mb:g}; raise it, or use teacher.cache: live")
