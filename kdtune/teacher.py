@@ -100,11 +100,14 @@ def driver_device(spec) -> torch.device:
 
 @contextmanager
 def on_device(model: nn.Module, device: torch.device):
-    """`model` on `device` for the block, then back on the CPU, where the driver keeps and ships it."""
+    """`model` on `device` for the block, then back on the CPU, where the driver keeps and ships it;
+    the GPU memory it cached goes back to the trials."""
     try:
         yield model.to(device)
     finally:
         model.cpu()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None]) -> None:
