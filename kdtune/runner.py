@@ -100,7 +100,7 @@ def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> 
     info["targets_seconds"] = round(time.time() - started, 1)
     info["cache"], info["cached_targets"], info["live_targets"] = mode, sorted(targets), live
     if targets:
-        views = f" for each of the {targets['logits'].shape[1]} augmented views" if per_view else ""
+        views = f" for each of the {next(iter(targets.values())).shape[1]} augmented views" if per_view else ""
         log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}: {', '.join(sorted(targets))}")
     if live:
         log(f"teacher outputs computed live in the trials (teacher.cache: {spec.teacher.cache}): {', '.join(live)}")

@@ -208,20 +208,22 @@ def compute_targets(teacher: nn.Module, x: torch.Tensor, keys: list[str], budget
 
 
 @torch.no_grad()
-def compute_view_logits(teacher: nn.Module, x: torch.Tensor, augment: Augment, batch_size: int = 1000,
-                        device: torch.device | str = "cpu") -> torch.Tensor:
-    """The teacher's logits for every augmented view of every image, N x views x classes in fp16 on
-    the CPU (the teacher on `device`): one pass over the set per view, after which any trial's
-    batch reads the exact view it drew."""
-    out = None
+def compute_view_targets(teacher: nn.Module, x: torch.Tensor, augment: Augment, keys: list[str],
+                         batch_size: int = 1000, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The teacher's targets `keys` for every augmented view of every image, each N x views x ...
+    in fp16 on the CPU (the teacher on `device`): one pass over the set per view, after which any
+    trial's batch reads the exact view it drew."""
+    out: dict[str, torch.Tensor] = {}
     for view in range(augment.num_views):
         FORWARD_PASSES["train"] += 1
         for start in range(0, len(x), batch_size):
             chunk = x[start:start + batch_size].to(device)
-            logits = teacher(augment.apply(chunk, torch.full((len(chunk),), view, device=device))).logits
-            if out is None:
-                out = torch.empty(len(x), augment.num_views, logits.shape[1], dtype=torch.float16)
-            out[start:start + len(chunk), view] = logits.half().cpu()
+            features = teacher(augment.apply(chunk, torch.full((len(chunk),), view, device=device)))
+            for key in keys:
+                value = TEACHER_TARGETS[key](features)
+                if key not in out:
+                    out[key] = torch.empty(len(x), augment.num_views, *value.shape[1:], dtype=torch.float16)
+                out[key][start:start + len(chunk), view] = value.half().cpu()
     return out
 
 
@@ -230,10 +232,10 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
     left live, whether the cache holds every augmented view, the mode used).
 
     Without augmentation, `outputs` (and `auto`) cache one row per image. With it, a per-image
-    row would be the wrong view, so `augmentations` caches the logits of every view; `auto` does
-    so when that fits `teacher.cache_mb` and costs fewer teacher passes than the sampled trials'
-    epochs would run live (so a short sweep, --smoke among them, runs the teacher live). Feature
-    targets, and everything under `live`, run live."""
+    row would be the wrong view, so `augmentations` caches every view of the targets that fit
+    `teacher.cache_mb` (smallest first: logits, then embeddings; larger ones run live); `auto`
+    does so when that costs fewer teacher passes than the sampled trials' epochs would run live
+    (so a short sweep, --smoke among them, runs the teacher live). Under `live` all run live."""
     mode, augment = spec.teacher.cache, Augment.of(spec.data.augment, splits)
     if mode == "live" or not keys:
         return {}, list(keys), False, "live" if keys else "none"
@@ -245,14 +247,23 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
     if mode == "outputs":
         raise SpecError("teacher.cache", "outputs caches each image's un-augmented outputs, but data.augment "
                                          "changes the images every batch; use augmentations, live or auto")
-    size_mb = len(splits.train_y) * augment.num_views * splits.num_classes * 2 / 2 ** 20
-    rest = [k for k in keys if k != "logits"]
+    with torch.no_grad():
+        probe = teacher(splits.train_x[:1])
+    sizes = {k: len(splits.train_y) * augment.num_views * TEACHER_TARGETS[k](probe)[0].numel() * 2 / 2 ** 20
+             for k in keys}
+    fitting, used = [], 0.0
+    for key in sorted(keys, key=sizes.get):
+        if used + sizes[key] <= spec.teacher.cache_mb:
+            fitting.append(key)
+            used += sizes[key]
     cheaper = mode == "augmentations" or augment.num_views <= spec.search.num_samples * spec.train.epochs
-    if "logits" in keys and size_mb <= spec.teacher.cache_mb and cheaper:
+    if fitting and cheaper:
         with on_device(teacher, device):
-            logits = compute_view_logits(teacher, splits.train_x, augment, device=device)
-        return {"logits": logits}, rest, True, "augmentations"
-    if mode == "augmentations" and "logits" in keys:
-        raise SpecError("teacher.cache_mb", f"the logits of all {augment.num_views} views take {size_mb:.0f} MB, "
-                                            f"over {spec.teacher.cache_mb:g}; raise it, or use teacher.cache: live")
+            targets = compute_view_targets(teacher, splits.train_x, augment, fitting, device=device)
+        return targets, [k for k in keys if k not in fitting], True, "augmentations"
+    if mode == "augmentations":
+        smallest = min(keys, key=sizes.get)
+        raise SpecError("teacher.cache_mb", f"the {smallest} of all {augment.num_views} views take "
+                                            f"{sizes[smallest]:.0f} MB, over {spec.teacher.cache_mb:g}; raise it, "
+                                            "or use teacher.cache: live")
     return {}, list(keys), False, "live"
