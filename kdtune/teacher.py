@@ -178,6 +178,16 @@ def get_teacher(spec, splits: Splits, log: Callable[[str], None],
                    **({"recipe": teacher_config(spec)} if source in ("trained", "cached") else {})}
 
 
+def within_budget(sizes_mb: dict[str, float], budget_mb: float) -> list[str]:
+    """The targets to cache: smallest first, while together they fit the budget."""
+    chosen, used = [], 0.0
+    for key in sorted(sizes_mb, key=sizes_mb.get):
+        if used + sizes_mb[key] <= budget_mb:
+            chosen.append(key)
+            used += sizes_mb[key]
+    return chosen
+
+
 @torch.no_grad()
 def compute_targets(teacher: nn.Module, x: torch.Tensor, keys: list[str], budget_mb: float,
                     split: str = "train", batch_size: int = 1000,
@@ -190,13 +200,8 @@ def compute_targets(teacher: nn.Module, x: torch.Tensor, keys: list[str], budget
         return {}, []
     sample = {k: TEACHER_TARGETS[k](teacher(x[:1].to(device))) for k in keys}
     sizes = {k: v[0].numel() * 4 * len(x) / 2 ** 20 for k, v in sample.items()}
-    cached, live, used = [], [], 0.0
-    for key in sorted(keys, key=sizes.get):
-        if used + sizes[key] <= budget_mb:
-            cached.append(key)
-            used += sizes[key]
-        else:
-            live.append(key)
+    cached = within_budget(sizes, budget_mb)
+    live = [k for k in sorted(keys, key=sizes.get) if k not in cached]
     out = {k: [] for k in cached}
     if cached:
         FORWARD_PASSES[split] += 1
@@ -251,11 +256,7 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
         probe = teacher(splits.train_x[:1])
     sizes = {k: len(splits.train_y) * augment.num_views * TEACHER_TARGETS[k](probe)[0].numel() * 2 / 2 ** 20
              for k in keys}
-    fitting, used = [], 0.0
-    for key in sorted(keys, key=sizes.get):
-        if used + sizes[key] <= spec.teacher.cache_mb:
-            fitting.append(key)
-            used += sizes[key]
+    fitting = within_budget(sizes, spec.teacher.cache_mb)
     cheaper = mode == "augmentations" or augment.num_views <= spec.search.num_samples * spec.train.epochs
     if fitting and cheaper:
         with on_device(teacher, device):
