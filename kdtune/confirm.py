@@ -1,9 +1,10 @@
 """Confirmation: retrain the front with fresh seeds, so the tables survive a rerun.
 
-A search's best trial is the maximum of many noisy draws. Each Pareto-optimal student
-size gets its best distilled and best baseline configuration retrained with
-`search.confirm_seeds` new seeds (init and data order); the final front uses the means,
-and the KD gain is a paired difference per seed with a 95% t-interval.
+A search's best trial is the maximum of many noisy draws. Each Pareto-optimal student size
+(and each family's best distilled size, so that every family is compared) gets its best
+distilled and best baseline configuration retrained with `search.confirm_seeds` new seeds
+(init and data order); the final front uses the means, and the KD gain is a paired
+difference per seed with a 95% t-interval.
 """
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from kdtune.pareto import pareto_mask
 from kdtune.results import finished, pareto_table
 
 
-
 def candidates(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
-    """Best baseline and best distilled search trial (on val_acc) at every student size on the front."""
+    """Best baseline and best distilled search trial (on val_acc) at every student size on the front,
+    and at the best distilled size of each family with no size on it: every family gets a KD-gain row
+    (the default spec's MLP is its positive control, dominated on the front by the conv nets)."""
     done = finished(trials[trials["phase"] == "search"])
+    students = list(pareto_table(trials, objectives)["student"].drop_duplicates())
+    on_front = set(done.loc[done["student"].isin(students), "student.arch"])
+    for arch, group in done[done["loss"] != "none"].groupby("student.arch"):
+        if arch not in on_front:
+            students.append(group.loc[group["val_acc"].idxmax(), "student"])
     picks = []
-    for student in pareto_table(trials, objectives)["student"].drop_duplicates():
+    for student in students:
         same = done[done["student"] == student]
         for group in (same[same["loss"] == "none"], same[same["loss"] != "none"]):
             if not group.empty:
