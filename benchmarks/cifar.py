@@ -65,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--student", default="resnet8x4")
     parser.add_argument("--teacher", default="resnet32x4")
     parser.add_argument("--count-images", type=int, default=4, help="images the teacher-pass count runs on")
-    parser.add_argument("--sweeps", default="4x1,32x240,50x240", help="N trials x E epochs to price, comma-separated")
+    parser.add_argument("--sweeps", default="4x1,32x240,41x240", help="N trials x E epochs to price, comma-separated")
     parser.add_argument("--out", default="benchmarks/cifar.json")
     return parser.parse_args(argv)
 
