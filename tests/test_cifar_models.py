@@ -6,9 +6,8 @@ benchmark trains (Tian et al., ICLR 2020), as defined in its code, github.com/Ho
 models/resnet.py (resnet8 ... resnet110 with filters [16, 16, 32, 64]; resnet8x4 and resnet32x4
 with [32, 64, 128, 256]), models/wrn.py (WideResNet(depth, widen_factor)), models/vgg.py
 (`vgg8`/`vgg13` are vgg8_bn/vgg13_bn in models/__init__.py's model_dict) and models/mobilenetv2.py
-(CRD's "MobileNetV2" is mobile_half: expansion 6, width multiplier 0.5). Papers print them rounded
-(resnet8x4 1.23M, resnet32x4 7.43M, wrn_40_2 2.26M, ...). Each count is also derived here, layer
-by layer, from those definitions (`*_params` below), without running kdtune's model code.
+(CRD's "MobileNetV2" is mobile_half: expansion 6, width multiplier 0.5). Each count is also derived
+here, layer by layer, from those definitions (`*_params` below), without running kdtune's model code.
 """
 import io
 import pickle
