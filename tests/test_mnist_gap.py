@@ -89,3 +89,26 @@ def test_short_training_beats_chance():
     with torch.no_grad():
         accuracy = (model(x_held).logits.argmax(1) == y_held).float().mean().item()
     assert accuracy > 0.6, accuracy  # chance is 0.1
+
+
+def test_the_default_teacher_recipe_trains_and_caches_on_a_slice(tmp_path):
+    """The default spec's teacher (gapnet_dense, AdamW one-cycle, shifts of 2 pixels) through kdtune's
+    own teacher path on 5,500 images and 3 epochs: it learns, is cached, and the cache is reused."""
+    from kdtune import load_spec
+    from kdtune.data.resolve import load_splits
+    from kdtune.teacher import get_teacher
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "mnist.yaml",
+                     {"data.train_limit": 6000, "data.val_size": 500, "data.test_limit": 1000, "teacher.epochs": 3,
+                      "teacher.cache_dir": str(tmp_path), "data.root": str(tmp_path / "data")})
+    splits = load_splits(spec.data, spec.seed)
+    lines = []
+    trained, facts = get_teacher(spec, splits, lines.append)
+    assert facts["source"] == "trained" and facts["params"] == 72_666
+    assert facts["recipe"]["augment"]["crop"] == 2 and facts["recipe"]["schedule"]["type"] == "onecycle"
+    assert facts["test_acc"] > 0.9, facts["test_acc"]  # chance is 0.1
+    cached, again = get_teacher(spec, splits, lines.append)
+    assert again["source"] == "cached" and again["checkpoint"] == facts["checkpoint"]
+    assert again["test_acc"] == facts["test_acc"]
+    for a, b in zip(trained.state_dict().values(), cached.state_dict().values()):
+        assert torch.equal(a, b)

@@ -8,8 +8,15 @@ from torch import nn
 from kdtune.models.base import Features, register_model
 
 
+class MnistNet(nn.Module):
+    """The setting these nets were designed for, which `python -m kdtune.models` builds."""
+
+    default_in_shape = (1, 28, 28)
+    default_num_classes = 10
+
+
 @register_model("mnist_cnn")
-class TeacherCNN(nn.Module):
+class TeacherCNN(MnistNet):
     """The PyTorch MNIST example's net: conv32-conv64-maxpool-fc128-fc10 (1.2M params on MNIST)."""
 
     has_maps = True
@@ -33,7 +40,7 @@ class TeacherCNN(nn.Module):
 
 
 @register_model("mlp")
-class StudentMLP(nn.Module):
+class StudentMLP(MnistNet):
     """Hidden layers [width, width/2]; width 128 gives the tutorial's 109k-param student."""
 
     has_maps = False
@@ -56,7 +63,7 @@ def _after_convs(side: int) -> int:
 
 
 @register_model("cnn")
-class StudentCNN(nn.Module):
+class StudentCNN(MnistNet):
     """conv(width, stride 2)-BN-conv(2*width)-BN-maxpool-linear: width 6 has 3.8k params.
 
     The strided first conv puts the second one on 13x13 and skips a pooling pass over

@@ -11,22 +11,14 @@ twice the channels of a dense one: width 6 has 2,866 parameters, width 12 has 9,
 has 53.5k. On MNIST (5 epochs, one-cycle AdamW) it beat the dense design at equal size.
 
 `gapnet_dense` (the teacher): every conv a dense 3x3 conv-BN-ReLU, two per stage; width 16
-has 72,666 parameters and reaches about 99.5% in 4 epochs with random shifts of 2 pixels
+has 72,666 parameters and reaches about 99.6% in 8 epochs with random shifts of 2 pixels
 (`teacher.augment: {crop: 2}`).
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdtune.models.base import Features, register_model
-
-
-def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    """Dense 3x3 conv (padding 1, no bias) - BN - ReLU."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+from kdtune.models.base import StagedNet, conv_bn, register_model
 
 
 def separable_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -35,24 +27,11 @@ def separable_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
                          nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-class _GapHead(nn.Module):
-    """Runs `self.stages`, keeps each stage's output as a map, and reads the pooled last one."""
+class _GapHead(StagedNet):
+    """Stages of conv-BN-ReLU, pooled and read by one Linear, at MNIST's setting."""
 
-    has_maps = True
-    stages: nn.ModuleList
-    fc: nn.Linear
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> Features:
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        embedding = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return Features(self.fc(embedding), embedding, maps)
+    default_in_shape = (1, 28, 28)
+    default_num_classes = 10
 
 
 @register_model("gapnet")
