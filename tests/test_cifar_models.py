@@ -22,6 +22,7 @@ import torch
 from kdtune.distill import METHODS, TEACHER_TARGETS
 from kdtune.models import MODELS, count_params, create_model
 from kdtune.models.base import Features
+from kdtune.models.features import classifier_head
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = (3, 32, 32)
@@ -170,7 +171,8 @@ def test_every_method_runs_a_batch_on_cifar_nets(name):
         student.eval()
         example = student(x[:2])
     student.train()
-    method = METHODS[name](example, {k: v[:2] for k, v in t.items()}, num_train)
+    method = METHODS[name](example, {k: v[:2] for k, v in t.items()}, num_train,
+                           teacher_head=classifier_head(teacher, t_features))
     terms = method.losses(student(x), t, labels, torch.randperm(num_train)[:4], 1.0)
     assert "ce" in terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
