@@ -2,9 +2,11 @@
 here load through torchvision's real classes (which refuse them for their checksums) with a
 warning naming the files, a missing copy exits 2 naming its folder, and the CIFAR-100 spec runs
 end to end with --smoke."""
+import json
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -91,3 +93,23 @@ def test_a_missing_copy_exits_2_naming_the_folder_and_the_download_option(tmp_pa
     folder = tmp_path / "empty" / official(name).base_folder
     assert f"no copy in {folder}/" in err and "data.download: true" in err and official(name).filename in err
 
+
+def test_the_cifar100_spec_runs_end_to_end_with_smoke(cifar_root, tmp_path, run_cli):
+    root, _ = cifar_root
+    done = run_cli([REPO / "search_spaces" / "cifar100.yaml", "--smoke", "--set", f"data.root={root}"], tmp_path,
+                   timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "results" / "cifar100-crd"
+    trials = pd.read_csv(out / "trials.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    search = trials[trials["phase"] == "search"]
+    assert (trials["status"] == "FINISHED").all() and (search["epochs"] == 1).all()
+    assert set(search["loss"]) <= {"none", "kd", "fitnet", "rkd", "crd", "dkd", "srrl"}
+    assert summary["spec"]["data"]["augment"] == {"crop": 4, "flip": True}
+    assert summary["teacher"]["arch"] == "resnet32x4" and set(search["student.arch"]) == {"resnet8x4"}
+    assert set(search.loc[search["loss"] == "none", "width"]) == {16, 32, 64}  # a baseline at each width
+    # 162 views cost more passes than 4 one-epoch trials: auto runs the teacher live, and counts it
+    assert summary["teacher"]["cache"] == "live"
+    live = trials["teacher_passes"].sum()
+    assert live > 0 and summary["teacher_forward_passes"]["train"] == pytest.approx(live, abs=1e-3)
+    assert "100 classes" in done.stdout
