@@ -161,8 +161,10 @@ def main(argv=None) -> int:
     flops = {"teacher_forward": forward_flops(teacher, one),
              "student_forward": forward_flops(create_model(args.student, (3, 32, 32), 100).to(device).eval(), one)}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    load_start = os.getloadavg()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, device {device} ({device_name}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} torch threads, reference DataLoader workers {args.workers}")
+          f"{torch.__version__}, {torch.get_num_threads()} torch threads, reference DataLoader workers {args.workers}; "
+          f"load average at start {load_start[0]:.2f}")
     print(f"student {args.student} ({student_params:,} params, {flops['student_forward'] / 1e9:.3f} GFLOP/image "
           f"forward) <- teacher {args.teacher} ({count_params(teacher):,} params, "
           f"{flops['teacher_forward'] / 1e9:.3f} GFLOP/image), both untrained; {n_train} training images, "
@@ -213,9 +215,11 @@ def main(argv=None) -> int:
               f"live {row['live']:8.0f}  (live / augmentations {row['live_over_augmentations']:.2f}x); teacher time "
               f"here on CIFAR-100: {hours['augmentations']:.1f} h vs {hours['live']:.1f} h")
 
+    load_end = os.getloadavg()
+    print(f"\nload average at end: {load_end[0]:.2f} (other processes share the machine's cores)")
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
                           "device_name": device_name, "torch": torch.__version__, "torch_threads": args.threads,
-                          "dataloader_workers": args.workers},
+                          "dataloader_workers": args.workers, "loadavg_start": load_start, "loadavg_end": load_end},
               "settings": {"student": args.student, "teacher": args.teacher, "student_params": student_params,
                            "teacher_params": count_params(teacher), "forward_flops_per_image": flops,
                            "train_images": n_train, "batch_size": BATCH, "val_images_in_kdtune_epoch": VAL,
