@@ -191,7 +191,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
             "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study}})
         missing += finish.at_sweep_end(spec, spec_dict, trials, front, data_, students, teacher_info["test_acc"],
-                                       out_dir, client, uri, parent_id)
+                                       out_dir, client, uri, parent_id, interrupted)
         if interrupted:
             log(f"interrupted: partial results written to {out_dir}/. {hint}")
     except KeyboardInterrupt:  # before or between Tune's own graceful stops: nothing to write yet

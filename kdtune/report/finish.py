@@ -227,10 +227,11 @@ def record_missing(out_dir: Path, parent_id: str, missing: list[str]) -> None:
 
 
 def at_sweep_end(spec, spec_dict: dict, trials: pd.DataFrame, front: pd.DataFrame, data, students: dict,
-                 teacher_acc: float, out_dir: Path, client, uri: str, parent_id: str) -> list[str]:
-    """After the sweep's own files: the models, then the report, written to results/<name>/report/,
-    and all of it logged to the parent run. Returns what MLflow is missing."""
-    missing = log_models(client, uri, spec, trials, front, data, students, out_dir)
+                 teacher_acc: float, out_dir: Path, client, uri: str, parent_id: str, interrupted: bool) -> list[str]:
+    """After the sweep's own files: the models (not for an interrupted sweep: its --resume logs
+    them), then the report, written to results/<name>/report/, and all of it logged to the parent
+    run. Returns what MLflow is missing."""
+    missing = [] if interrupted else log_models(client, uri, spec, trials, front, data, students, out_dir)
     write_report(trials, spec_dict, Path(out_dir) / "report", f"kdtune report: {spec.name}",
                  f"kdtune sweep {spec.name}, written by the sweep at its end", teacher_acc=teacher_acc)
     if not log_parent(client, parent_id, out_dir, trials):
