@@ -163,9 +163,10 @@ def ended_statuses(client: MlflowClient, exp_id: str, parent_id: str) -> dict[st
 # A tracking server that restarts: MLflow retries each HTTP request (POSTs too) with exponential
 # backoff, 0+2+4+8+16+32 s, so an outage of about a minute costs waiting, not runs. Set before the
 # first request and before Ray starts, so local trial workers inherit it; the user's values win.
+# No "View run ... at" line per ended run, no progress bar per model up- or download.
 RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-           "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run ... at" line per ended run
+           "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 DOWN_PAUSE_S = 60.0
 _down_until = 0.0
 

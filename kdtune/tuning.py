@@ -1,6 +1,7 @@
 """The thin Ray Tune layer: the trainable around `run_trial`, the searcher and the callbacks."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import tempfile
@@ -103,11 +104,10 @@ def system_metrics(ctx: SweepContext, run_id: str, resumed: bool):
     """MLflow's system metrics for the trial's run (system/cpu_utilization_percentage, memory, disk,
     network; GPU with pynvml), sampled every 5 s in a thread; None without psutil, which MLflow needs.
     benchmarks/system_metrics.py measures what it costs a trial."""
-    try:
-        import psutil  # noqa: F401
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-    except ImportError:
+    if importlib.util.find_spec("psutil") is None:
         return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
     monitor = tracking.guarded("system metrics", SystemMetricsMonitor, run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
                                resume_logging=resumed, tracking_uri=ctx.tracking_uri)
     if monitor is not None:

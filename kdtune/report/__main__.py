@@ -40,11 +40,11 @@ def main(argv=None) -> int:
     from kdtune.report.runs import ReportError
 
     args = parse_args(argv)
+    tracking.use_retries()
     try:
         if args.sync:
             from kdtune.report.sync import sync
 
-            tracking.use_retries()
             left = sync(Path(args.sync), args.tracking_uri)
             if left:
                 print(f"kdtune: still missing from MLflow: {', '.join(left)}", file=sys.stderr)

@@ -3,7 +3,6 @@ in the layout of the sweep's trials.csv."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 
 import numpy as np
@@ -49,7 +48,6 @@ def load(uri: str, experiment: str, sweep: str | None = None):
     sweep (run id, name, status, start time, spec, Optuna storage and study, teacher accuracy)."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     client = tracking.client(uri)
     found = client.get_experiment_by_name(experiment)
