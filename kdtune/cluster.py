@@ -46,6 +46,10 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A reused actor waits this long for the previous trial's thread to end (Tune's default, 2 s, is
+    # exceeded on a loaded machine, and the next trial then fails with "Trainable runner reuse requires
+    # reset_config() ...").
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
         # Token auth (Ray >= 2.52): `ray start --head` turns it on when a token is at hand (RAY_AUTH_TOKEN,

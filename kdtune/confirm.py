@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from kdtune.pareto import pareto_mask
-from kdtune.results import finished, pareto_table
+from kdtune.results import finished, kd_gain_table, pareto_table
 
 
 def candidates(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
@@ -73,6 +73,16 @@ def confirmed_means(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:
 
 def confirmed_front(means: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
     return means[pareto_mask(means, objectives)].sort_values("params").reset_index(drop=True)
+
+
+def tables(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(front, KD gain) of one sweep: on confirmed means when confirmation ran to the end, else on
+    the search trials. The sweep and the report rebuilt from MLflow both use it, so they agree."""
+    reruns = trials[trials["phase"] == "confirm"]
+    if reruns.empty or (reruns["status"] == "KILLED").any():
+        return pareto_table(trials, objectives), kd_gain_table(trials)
+    picks = candidates(trials, objectives)
+    return confirmed_front(confirmed_means(reruns, picks), objectives), gain_table(reruns, picks)
 
 
 def gain_table(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:

@@ -47,6 +47,12 @@ def pareto_table(df: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Data
     return front.sort_values("params").reset_index(drop=True)
 
 
+def mark_search_front(df: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """trials.csv's `search_front` column: the search trials on the search phase's own front."""
+    front = pareto_table(df, objectives)
+    return df.assign(search_front=df["trial_id"].isin(front["trial_id"]) & (df["phase"] == "search"))
+
+
 def method_columns(df: pd.DataFrame) -> list[str]:
     """The searched dotted parameters (train.lr, kd.alpha, ...) that have a value somewhere;
     an arch's own keys (cnn.width) are left to the resolved `width` column."""

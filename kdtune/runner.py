@@ -9,7 +9,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -29,7 +29,7 @@ from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import Spec, spec_to_dict
 from kdtune.teacher import FORWARD_PASSES, get_teacher, teacher_targets
 from kdtune.distill import METHODS
-from kdtune.tracking import ended_statuses
+from kdtune.report import finish
 from kdtune.trial import SweepData
 
 SWEEP_STATE = "sweep.json"
@@ -47,6 +47,10 @@ class SweepResult:
     results_dir: Path
     status: str  # FINISHED, or KILLED when interrupted (partial tables; resume with resume=True)
     summary: dict
+    # What MLflow lacks after the sweep (trial ids, "parent run ..."): the tracking server stayed
+    # down. results_dir is complete all the same; `python -m kdtune.report --sync` uploads the rest.
+    mlflow_missing: list[str] = field(default_factory=list)
+    report_dir: Optional[Path] = None  # report.html and its tables (results_dir / "report")
 
 
 def versions() -> dict:
@@ -154,6 +158,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data)
     results_dir = str(results_dir)
     out_dir = Path(results_dir) / spec.name
+    tracking.use_retries()  # a restarting tracking server costs waiting, not runs
     uri = tracking.absolute_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
     space = parse_space(spec)
@@ -164,7 +169,9 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     storage = _storage(spec, results_dir, storage)
     parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
     log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
-    status, teacher_done, temp_dir = "FAILED", time.time(), None
+    optuna_url, study = finish.optuna_study(spec, out_dir, parent_id)
+    finish.tag_parent(client, parent_id, optuna_url, study)
+    status, teacher_done, temp_dir, missing = "FAILED", time.time(), None, []
     hint = resume_hint(results_dir)
     try:
         paths = [spec.teacher.arch, spec.data.dataset] + list(space.student_values("student.arch", spec.student.arch))
@@ -172,16 +179,19 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         _ship_by_value(teacher, student)
         from kdtune.tuning import SweepContext
 
-        ctx = SweepContext(spec_dict, uri, exp_id, parent_id)
-        trials = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
+        ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study)
+        trials, students = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
+        trials, missing = finish.reconcile(client, exp_id, parent_id, trials)
         interrupted = bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
-        trials, front, gain, summary = report(spec, trials, out_dir, client, parent_id, {
+        trials, front, gain, summary = report(spec, trials, out_dir, {
             "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
             "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
-            "interrupted": interrupted})
+            "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study}})
+        missing += finish.at_sweep_end(spec, spec_dict, trials, front, data_, students, teacher_info["test_acc"],
+                                       out_dir, client, uri, parent_id, interrupted)
         if interrupted:
             log(f"interrupted: partial results written to {out_dir}/. {hint}")
     except KeyboardInterrupt:  # before or between Tune's own graceful stops: nothing to write yet
@@ -191,14 +201,17 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     finally:
         import ray
 
-        closed = tracking.close_open_children(client, exp_id, parent_id, "KILLED")
+        closed = tracking.guarded("close runs", tracking.close_open_children, client, exp_id, parent_id, "KILLED")
         if closed:
             log(f"ended {closed} unfinished MLflow run(s) as KILLED")
-        tracking.end_run(client, parent_id, status)
+        if tracking.guarded("end parent", tracking.end_run, client, parent_id, status, default=False) is False:
+            missing.append("parent run status")
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    return SweepResult(trials, front, gain, exp_id, parent_id, out_dir, status, summary)
+    finish.record_missing(out_dir, parent_id, missing)
+    return SweepResult(trials, front, gain, exp_id, parent_id, out_dir, status, summary, sorted(set(missing)),
+                       out_dir / "report")
 
 
 def resume_hint(results_dir: str) -> str:
@@ -222,45 +235,44 @@ def _parent_run(client, exp_id: str, spec_dict: dict, out_dir: Path, storage: st
     return parent_id
 
 
-def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bool) -> pd.DataFrame:
-    """Both phases' trials in the trials.csv layout; confirmation only after a complete search."""
-    from kdtune.search import collect, configs, run_confirm, run_search
+def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bool) -> tuple[pd.DataFrame, dict]:
+    """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
+    and (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student."""
+    from kdtune.search import collect, configs, run_confirm, run_search, trained
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
-    trials = collect(grid, columns, spec, "search", ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
+    trials = collect(grid, columns, spec, "search", _ended(client, ctx))
+    students = {("search", tid): found for tid, found in trained(grid).items()}
     if spec.search.confirm_seeds == 0 or (trials["status"] == "KILLED").any():
-        return trials
+        return trials, students
     picks = confirm.candidates(trials, objectives(spec))
     by_trial = configs(grid)
     points = [{**by_trial[tid], "seed": seed, "source_trial": tid}
               for tid in picks["trial_id"] for seed in confirm.seeds(spec.seed, spec.search.confirm_seeds)]
     log(f"confirming {len(picks)} configurations with {spec.search.confirm_seeds} fresh seeds each ({len(points)} runs)")
     grid = run_confirm(spec, data, replace(ctx, phase="confirm"), storage, points, resume)
-    reruns = collect(grid, columns, spec, "confirm", ended_statuses(client, ctx.experiment_id, ctx.parent_run_id))
-    return pd.concat([trials, reruns], ignore_index=True)
+    reruns = collect(grid, columns, spec, "confirm", _ended(client, ctx))
+    students.update({("confirm", tid): found for tid, found in trained(grid).items()})
+    return pd.concat([trials, reruns], ignore_index=True), students
+
+
+def _ended(client, ctx) -> dict:
+    """The statuses the driver gave the runs; none when the tracking server is down (collect then
+    reads them from Tune's results)."""
+    return tracking.guarded("read statuses", tracking.ended_statuses, client, ctx.experiment_id, ctx.parent_run_id,
+                            default={})
 
 
 def objectives(spec) -> list[tuple[str, str]]:
     return [(o.metric, o.mode) for o in spec.search.objectives]
 
 
-def tables(spec, trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(front, KD gain): on confirmed means when confirmation ran to the end, else on the search trials."""
-    reruns = trials[trials["phase"] == "confirm"]
-    if reruns.empty or (reruns["status"] == "KILLED").any():
-        return results.pareto_table(trials, objectives(spec)), results.kd_gain_table(trials)
-    picks = confirm.candidates(trials, objectives(spec))
-    means = confirm.confirmed_means(reruns, picks)
-    return confirm.confirmed_front(means, objectives(spec)), confirm.gain_table(reruns, picks)
-
-
-def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -> tuple:
-    """Write the result files and log them to the parent run: (trials, front, gain, summary)."""
-    front, gain = tables(spec, trials)
+def report(spec, trials, out_dir: Path, summary: dict) -> tuple:
+    """Write the result files and print the tables: (trials, front, gain, summary)."""
+    front, gain = confirm.tables(trials, objectives(spec))
     front, gap = results.teacher_gap(trials, front, gain, summary["teacher"]["test_acc"])
-    search_front = results.pareto_table(trials, objectives(spec))
-    trials = trials.assign(search_front=trials["trial_id"].isin(search_front["trial_id"]) & (trials["phase"] == "search"))
+    trials = results.mark_search_front(trials, objectives(spec))
     counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
     summary.update({"trials": counts, "front": front.to_dict("records"), "kd_gain": gain.to_dict("records"),
                     "teacher_gap": gap})
@@ -269,12 +281,6 @@ def report(spec, trials, out_dir: Path, client, parent_id: str, summary: dict) -
     metric = next((m for m, _ in objectives(spec) if m != "params"), "val_acc")
     results.plot_pareto(trials, front, out_dir / "pareto.png", metric)
     results.write_json(summary, out_dir / "summary.json")
-    for name in ("trials.csv", "pareto.csv", "pareto.png", "summary.json"):
-        client.log_artifact(parent_id, str(out_dir / name))
-    finished = results.finished(trials[trials["phase"] == "search"])
-    if not finished.empty:
-        client.log_metric(parent_id, "best_val_acc", float(finished["val_acc"].max()))
-    client.log_metric(parent_id, "trials_finished", len(finished))
     print(results.terminal_report(front, gain, counts, gap))
     print(f"files in {out_dir}/")
     return trials, front, gain, summary

@@ -10,7 +10,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from kdtune import results
 from kdtune.space import SearchSpace, resolve
-from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable
+from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable, trial_status
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
@@ -51,7 +51,9 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
                               mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,
-                              sampler=SAMPLERS[spec.search.sampler](seed=spec.seed), epochs=spec.train.epochs)
+                              sampler=SAMPLERS[spec.search.sampler](seed=spec.seed), epochs=spec.train.epochs,
+                              storage=optuna.storages.RDBStorage(ctx.optuna_storage) if ctx.optuna_storage else None,
+                              study_name=ctx.optuna_study)
     accuracy = _accuracy_objective(spec)
     scheduler = None
     if spec.search.scheduler:
@@ -86,12 +88,19 @@ def configs(grid) -> dict[str, dict]:
     return {_trial_id(r): dict(r.config) for r in grid}
 
 
+def trained(grid) -> dict[str, tuple[dict, "tune.Checkpoint | None"]]:
+    """trial id -> (the trial's config, its last checkpoint): what its trained student is rebuilt from."""
+    return {_trial_id(r): (dict(r.config or {}).get("point", dict(r.config or {})), r.checkpoint) for r in grid}
+
+
+def _path_trial_id(result) -> str | None:
+    """The trial id in the trial's folder name (trainable_<id>_<n>_...): always the trial's own."""
+    match = re.search(r"trainable_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_", str(result.path))
+    return match.group(1) if match else None
+
+
 def _trial_id(result) -> str:
-    found = result.metrics.get("trial_id")
-    if found:
-        return found
-    match = re.search(r"_([0-9a-f]{5,8}_\d{5})_", str(result.path))
-    return match.group(1) if match else str(result.path)
+    return _path_trial_id(result) or (result.metrics or {}).get("trial_id") or str(result.path)
 
 
 def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[str, str]]) -> pd.DataFrame:
@@ -100,12 +109,16 @@ def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[s
     rows = []
     for result in grid:
         metrics, config = result.metrics or {}, dict(result.config or {})
+        if _path_trial_id(result) and metrics.get("trial_id") not in (None, _path_trial_id(result)):
+            metrics = {}  # an error result of a reused actor can carry its previous trial's metrics
         config = config.get("point", config)
         plan = resolve(spec, config)
         if metrics.get("mlflow_run_id") in ended:
             status, reason = ended[metrics["mlflow_run_id"]]
         elif result.error is not None:
             status, reason = "FAILED", error_summary(result.error)
+        elif metrics.get("done"):  # completed, but its run was not ended (the tracking server was down)
+            status, reason = trial_status(metrics, spec.train.epochs, False)
         else:
             status, reason = "KILLED", "interrupted"
         row = dict(config)

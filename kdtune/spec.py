@@ -138,6 +138,7 @@ class SearchSpec(Strict):
     scheduler: Optional[SchedulerSpec] = None
     max_failures: int = Field(0, ge=0)
     confirm_seeds: int = Field(3, ge=0)
+    optuna_storage: Optional[str] = None  # the study's RDB URL; default sqlite:///<results>/<name>/optuna.db
 
 
 class Resources(Strict):

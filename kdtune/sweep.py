@@ -1,7 +1,8 @@
 """`python -m kdtune.sweep SPEC`: parse the flags and call `kdtune.run`.
 
 Bad input (spec, data, models, teacher checkpoint, tracking URI) exits with status 2 and one
-message, before Ray starts; an interrupted sweep exits 130.
+message, before Ray starts; an interrupted sweep exits 130; a sweep whose tracking server went
+down exits 3 once results/ is complete, having named what MLflow is missing.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
         spec = load_spec(args.spec, args.set, smoke=args.smoke)
         result = run(spec, results_dir=args.results_dir, tracking_uri=args.tracking_uri, address=args.address,
                      storage=args.storage, resume=args.resume)
-        return 130 if result.status == "KILLED" else 0
+        return 130 if result.status == "KILLED" else 3 if result.mlflow_missing else 0
     except SpecError as exc:
         print(f"kdtune: spec error: {exc}", file=sys.stderr)
     except USER_ERRORS as exc:

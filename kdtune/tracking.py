@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from kdtune.errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-LOGGED_METRICS = ("val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches",
+LOGGED_METRICS = ("epoch", "val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches",
                   "teacher_passes")
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
@@ -128,11 +128,14 @@ def final_result(client: MlflowClient, run_id: str) -> dict | None:
 
 
 def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:
+    """One epoch's metrics, and the student's size as the `kdtune.params` tag the UI groups by
+    (known from the first epoch on; setting it again is a no-op)."""
     step = int(result.get("epoch", 0))
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                if (k in LOGGED_METRICS or k.startswith("loss_")) and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    client.log_batch(run_id, metrics=metrics)
+    tags = [RunTag("kdtune.params", str(int(result["params"])))] if "params" in result else []
+    client.log_batch(run_id, metrics=metrics, tags=tags)
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
@@ -155,3 +158,48 @@ def ended_statuses(client: MlflowClient, exp_id: str, parent_id: str) -> dict[st
     runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000)
     return {r.info.run_id: (r.data.tags["kdtune.status"], r.data.tags.get("kdtune.reason", ""))
             for r in runs if "kdtune.status" in r.data.tags}
+
+
+# A tracking server that restarts: MLflow retries each HTTP request (POSTs too) with exponential
+# backoff, 0+2+4+8+16+32 s, so an outage of about a minute costs waiting, not runs. Set before the
+# first request and before Ray starts, so local trial workers inherit it; the user's values win.
+# No "View run ... at" line per ended run, no progress bar per model up- or download.
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+           "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+DOWN_PAUSE_S = 60.0
+_down_until = 0.0
+
+
+def use_retries() -> None:
+    for key, value in RETRIES.items():
+        os.environ.setdefault(key, value)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def guarded(what: str, fn, *args, default=None, **kwargs):
+    """`fn(*args)`, or `default` when the tracking store fails even after MLflow's retries.
+
+    A store still down after its retries is not asked again for DOWN_PAUSE_S in this process,
+    so a sweep whose server stays down keeps training instead of waiting on every call; the
+    driver's final reconciliation logs what was skipped, or names the runs it could not."""
+    if is_down():
+        return default
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any store failure; the trial must not die of it
+        mark_down()
+        print(f"kdtune: MLflow unavailable ({what}): {first_line(exc)}", flush=True)
+        return default
+
+
+def mark_down() -> None:
+    global _down_until
+    _down_until = time.time() + DOWN_PAUSE_S
+
+
+def is_down() -> bool:
+    return time.time() < _down_until

@@ -83,6 +83,14 @@ class SweepData:
                          self.per_view, head)
 
 
+def build_student(spec, data: SweepData) -> nn.Module:
+    """The student of a (resolved) spec, built as every trial builds it: a built-in family,
+    `torchvision:`, an import path, or the factory given to kdtune.run."""
+    splits = data.splits
+    return build_model(spec.student, splits.in_shape, splits.num_classes, "student", spec.student.width,
+                       data.student_factory)
+
+
 class TeacherTargets:
     """Serves a batch's teacher targets: cached rows by dataset index (and, for a cache of every
     augmented view, by the view each image was given), the rest by a live forward."""
@@ -128,10 +136,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
     torch.manual_seed(plan.seed)
     generator = torch.Generator().manual_seed(plan.seed)
     splits = data.splits
-    if student is None:
-        student = build_model(spec.student, splits.in_shape, splits.num_classes, "student", spec.student.width,
-                              data.student_factory)
-    student = to_device(student, device)
+    student = to_device(student if student is not None else build_student(spec, data), device)
     augment = Augment.of(spec.data.augment, splits)
     method = METHODS[plan.method]
     targets = TeacherTargets(data, method.teacher_keys, device)

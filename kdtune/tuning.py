@@ -1,6 +1,7 @@
 """The thin Ray Tune layer: the trainable around `run_trial`, the searcher and the callbacks."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import tempfile
@@ -29,6 +30,8 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     phase: str = "search"
+    optuna_storage: str | None = None  # the search's Optuna study: RDB storage URL and study name
+    optuna_study: str | None = None
 
 
 def trial_params(plan, config: dict) -> dict:
@@ -40,6 +43,19 @@ def trial_params(plan, config: dict) -> dict:
             **method_defaults, **config}
 
 
+def load_state(checkpoint: tune.Checkpoint, device="cpu") -> dict:
+    """A trial checkpoint's state: student, distiller, optimizer, ..., and the trial's MLflow run id."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+
+
+def trial_tags(plan, ctx: SweepContext) -> dict:
+    """Tags the MLflow UI groups and filters trial runs by: phase, method, student and sweep
+    (the parent run). The student's size, `kdtune.params`, follows with the first epoch."""
+    return {"kdtune.phase": ctx.phase, "kdtune.loss": plan.method, "kdtune.student": plan.student,
+            "kdtune.sweep": ctx.parent_run_id}
+
+
 def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     """Ray Tune function trainable: resume from a checkpoint if any, report every epoch."""
     spec = Spec.model_validate(ctx.spec_dict)
@@ -48,21 +64,17 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
     trial_id = tune.get_context().get_trial_id()
-    state = None
     checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
+    state = load_state(checkpoint, device) if checkpoint else None
     client = tracking.client(ctx.tracking_uri)
-    if state:  # the checkpoint carries the trial's run
-        run_id = state["mlflow_run_id"]
-    else:
+    run_id = state.get("mlflow_run_id") if state else None  # the checkpoint carries the trial's run
+    if run_id is None:  # a new trial, or one whose run could not be created (tracking server down)
         name = f"{trial_id} {plan.method} {plan.student}"
-        run_id = tracking.child_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id, name,
-                                    trial_params(plan, config), {"kdtune.phase": ctx.phase})
-    final = tracking.final_result(client, run_id)
-    if state and final is None:  # reopen the run (an interrupt may have ended it KILLED)
-        client.update_run(run_id, status="RUNNING")
+        run_id = tracking.guarded("create run", tracking.child_run, client, ctx.experiment_id, ctx.parent_run_id,
+                                  trial_id, name, trial_params(plan, config), trial_tags(plan, ctx))
+    final = tracking.guarded("read run", tracking.final_result, client, run_id) if run_id else None
+    if run_id and state and final is None:  # reopen the run (an interrupt may have ended it KILLED)
+        tracking.guarded("reopen run", client.update_run, run_id, status="RUNNING")
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, get_state) -> None:
@@ -77,7 +89,30 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     if final is not None:  # the trial completed, but the driver was killed before Tune recorded it
         report({**final, "replayed": True}, None)
         return
-    run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
+    monitor = system_metrics(ctx, run_id, resumed=state is not None) if run_id else None
+    try:
+        run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
+    finally:
+        if monitor is not None:
+            tracking.guarded("system metrics", monitor.finish)
+
+
+SYSTEM_METRICS_INTERVAL_S = 5.0
+
+
+def system_metrics(ctx: SweepContext, run_id: str, resumed: bool):
+    """MLflow's system metrics for the trial's run (system/cpu_utilization_percentage, memory, disk,
+    network; GPU with pynvml), sampled every 5 s in a thread; None without psutil, which MLflow needs.
+    benchmarks/system_metrics.py measures what it costs a trial."""
+    if importlib.util.find_spec("psutil") is None:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = tracking.guarded("system metrics", SystemMetricsMonitor, run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                               resume_logging=resumed, tracking_uri=ctx.tracking_uri)
+    if monitor is not None:
+        monitor.start()
+    return monitor
 
 
 class KDOptunaSearch(OptunaSearch):
@@ -137,22 +172,23 @@ class TrackingCallback(tune.Callback):
         return tracking.client(self.ctx.tracking_uri)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not result.get("replayed"):  # a replayed result is logged already
-            tracking.log_epoch(self.client, result["mlflow_run_id"], result)
+        if not result.get("replayed") and result.get("mlflow_run_id"):  # a replayed result is logged already
+            tracking.guarded("log metrics", tracking.log_epoch, self.client, result["mlflow_run_id"], result)
 
     def _run_id(self, trial) -> str | None:
-        if trial.last_result and "mlflow_run_id" in trial.last_result:
+        if trial.last_result and trial.last_result.get("mlflow_run_id"):
             return trial.last_result["mlflow_run_id"]
-        runs = self.client.search_runs(
-            [self.ctx.experiment_id],
-            f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.PARENT_TAG}` = '{self.ctx.parent_run_id}'")
+        runs = tracking.guarded(
+            "find run", self.client.search_runs, [self.ctx.experiment_id],
+            f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.PARENT_TAG}` = '{self.ctx.parent_run_id}'",
+            default=[])
         return runs[0].info.run_id if runs else None
 
     def _finish(self, trial, error: bool, reason: str | None = None):
         status, why = trial_status(trial.last_result, self.epochs, error)
         run_id = self._run_id(trial)
         if run_id and not (trial.last_result or {}).get("replayed"):  # a replayed trial's run is ended already
-            tracking.end_run(self.client, run_id, status, reason or why or None)
+            tracking.guarded("end run", tracking.end_run, self.client, run_id, status, reason or why or None)
         self.done += 1
         value = (trial.last_result or {}).get(self.objective)
         if status == "FINISHED" and isinstance(value, (int, float)) and not math.isnan(value):

@@ -105,9 +105,24 @@ def test_python_api_with_objects_defined_in_the_test(tmp_path, digits, teacher_c
     assert written["val_acc"].tolist() == pytest.approx(trials["val_acc"].tolist())
     assert not result.front.empty and set(result.front["trial_id"]) <= set(trials["trial_id"])
     assert "gain" in result.kd_gain.columns or "test_gain" in result.kd_gain.columns
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.experiment_id == result.experiment_id and parent.info.status == "FINISHED"
+    # as the CLI: the report written at the sweep's end, the Optuna study named, nothing missing from MLflow
+    assert result.mlflow_missing == [] and (result.report_dir / "report.html").is_file()
+    assert result.summary["optuna"]["study_name"] == f"api-{result.parent_run_id}"
+    # the best front student is an MLflow model that a process without this module loads and runs
+    best = result.front.sort_values("val_acc").iloc[-1]
+    model_uri = client.get_run(best["mlflow_run_id"]).data.tags["kdtune.model_uri"]
+    torch.save((digits[1].x, digits[1].y), tmp_path / "test.pt")
+    code = ("import sys, mlflow.pytorch, torch; mlflow.set_tracking_uri(sys.argv[1]); "
+            "m = mlflow.pytorch.load_model(sys.argv[2]); x, y = torch.load(sys.argv[3]); "
+            "print((m(x).argmax(1) == y).sum().item() / len(y))")
+    done = subprocess.run([sys.executable, "-c", code, uri, model_uri, str(tmp_path / "test.pt")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) == pytest.approx(best["test_acc"], abs=1e-9)
 
 
 def test_import_paths_through_the_cli(tmp_path, run_cli):

@@ -1,12 +1,14 @@
 """Kill a sweep's driver with SIGKILL part-way, then --resume: nothing finished is rerun,
 every trial appears once, and every trial keeps its one MLflow run."""
 import io
+import json
 import math
 import os
 import signal
 import time
 from types import SimpleNamespace
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -44,6 +46,11 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path, run_
     trials = pd.read_csv(tmp_path / "results" / "resume" / "trials.csv")
     assert len(trials) == 6 + 2 and trials["trial_id"].is_unique
     assert (trials["status"] == "FINISHED").all() and (trials["epochs"] == 8).all()
+    # the resumed search continued the same Optuna study (RDB storage): one complete trial per search trial
+    info = json.loads((tmp_path / "results" / "resume" / "summary.json").read_text())["optuna"]
+    study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(round(t.values[0], 6) for t in complete) == sorted(round(v, 6) for v in trials["val_acc"])
 
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -74,6 +74,15 @@ def test_mlflow_parent_and_child_runs(smoke):
         assert {"val_acc", "test_acc", "params", "extra_params", "loss_ce"} <= set(run.data.metrics)
         assert {"loss", "width", "student.arch"} <= set(run.data.params)
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1  # one per epoch
+    for run in children:  # the tags the MLflow UI groups runs by
+        row = trials[trials["mlflow_run_id"] == run.info.run_id].iloc[0]
+        tags = run.data.tags
+        assert (tags["kdtune.loss"], tags["kdtune.student"], tags["kdtune.sweep"]) == (
+            row["loss"], row["student"], parent.info.run_id)
+        assert int(tags["kdtune.params"]) == int(run.data.metrics["params"]) == row["params"]
+    for run_id in trials[trials["phase"] == "confirm"]["mlflow_run_id"]:  # confirmation students are models
+        assert client.get_run(run_id).data.tags["kdtune.model_uri"].startswith("models:/")
+    assert {"report/report.html", "report/pareto.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     kd_like = [r for r in children if r.data.params["loss"] in ("kd", "fitnet", "rkd", "crd")]
     for run in kd_like:  # each method's own loss terms are logged next to CE
         assert len([m for m in run.data.metrics if m.startswith("loss_")]) >= 2
