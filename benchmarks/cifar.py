@@ -42,7 +42,6 @@ from kdtune.data import DATASETS
 from kdtune.data.augment import Augment
 from kdtune.data.cifar import official, unchecked, write_copy
 from kdtune.data.resolve import load_splits
-from kdtune.distill.kd import soft_kl
 from kdtune.loading import load_spec
 from kdtune.models import count_params, create_model
 from kdtune.space import resolve
@@ -120,7 +119,8 @@ class ReferenceLoop:
             with torch.no_grad():
                 teacher_logits = self.teacher(x).logits
             logits = self.student(x).logits
-            loss = (1 - ALPHA) * F.cross_entropy(logits, y) + ALPHA * T ** 2 * soft_kl(logits, teacher_logits, T)
+            soft = F.kl_div(F.log_softmax(logits / T, dim=1), F.softmax(teacher_logits / T, dim=1), reduction="batchmean")
+            loss = (1 - ALPHA) * F.cross_entropy(logits, y) + ALPHA * T ** 2 * soft  # RepDistiller's DistillKL
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -9,7 +9,9 @@ Measures, in one run on the same data, machine and torch thread setting:
      vs kdtune's KD trial epoch (the two interleaved epoch by epoch);
   3. N trials through kdtune's real Ray Tune path (`kdtune.search.run_search`: its trainable,
      OptunaSearch, reuse_actors=True, MLflow in a temp sqlite store) vs the same N configs run
-     back to back in this process with `run_trial`.
+     back to back in this process with `run_trial`;
+  4. the KD epoch inside one Ray Tune trial with `--tune-threads` torch threads vs the floor loop
+     with as many threads, in alternating rounds.
 Prints the ratios and writes them as JSON. Times are wall-clock; the process CPU time of the
 single-process loops is recorded too, as a cross-check that moves less with other load on
 the machine. The teacher (mnist_cnn) is untrained: a random-init net costs the same per forward.
@@ -26,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,7 +46,8 @@ from kdtune.trial import SweepData, run_trial
 BATCH, LR, WIDTH, VAL_SIZE, SEED = 64, 1e-3, 128, 5000, 0
 TEMPERATURE, ALPHA = 4.0, 0.9  # kdtune's KD defaults, used by every KD loop here
 QUICK_FRACTION = 0.1
-TARGETS = {"tutorial_over_kdtune_min": 30.0, "kdtune_over_floor_max": 1.5, "tune_overhead_per_trial_s_max": 1.5}
+TARGETS = {"tutorial_over_kdtune_min": 30.0, "kdtune_over_floor_max": 1.5, "tune_overhead_per_trial_s_max": 1.5,
+           "tune_trial_over_floor_max": 1.3}
 
 
 def parse_args(argv=None):
@@ -55,6 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=5, help="KD-trial and floor epochs; the median is reported (default 5)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every measured loop (default 1: what a kdtune trial with resources.cpu=1 uses)")
+    parser.add_argument("--tune-threads", type=int, default=os.cpu_count(),
+                        help="torch threads (resources.cpu) of the Tune trial and the floor loop in [4] (default: all cores)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating Tune-trial/floor rounds in [4] (default 5)")
     parser.add_argument("--quick", action="store_true",
                         help=f"time the tutorial loop on {QUICK_FRACTION:.0%} of an epoch and extrapolate")
     return parser.parse_args(argv)
@@ -70,7 +77,7 @@ class Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def make_spec(args, trials: int = 1, epochs: int | None = None):
+def make_spec(args, trials: int = 1, epochs: int | None = None, threads: int | None = None):
     return validate({
         "name": "throughput", "seed": SEED,
         "data": {"dataset": "mnist", "root": args.data_root, "val_size": VAL_SIZE},
@@ -79,7 +86,7 @@ def make_spec(args, trials: int = 1, epochs: int | None = None):
         "train": {"epochs": epochs or args.epochs, "batch_size": BATCH, "optimizer": "adam", "lr": LR},
         "search": {"space": {"loss": {"kd": {"temperature": {"loguniform": [1, 20]}, "alpha": {"uniform": [0.1, 0.99]}}}},
                    "num_samples": trials, "max_concurrent": 1, "baselines": False, "scheduler": None, "sampler": "tpe"},
-        "resources": {"cpu": float(args.threads), "gpu": 0.0},
+        "resources": {"cpu": float(threads or args.threads), "gpu": 0.0},
     })
 
 
@@ -175,19 +182,19 @@ def epochs_interleaved(args, data: SweepData, teacher) -> dict:
     return out
 
 
-def tune_vs_sequential(args, data: SweepData) -> dict:
-    """N trials through kdtune's Tune path, then the same N configs back to back with `run_trial`."""
+@contextmanager
+def tune_session(spec):
+    """A private local Ray and a temporary MLflow store, as a sweep has them; yields
+    (run: () -> ResultGrid of kdtune's run_search, ray.init seconds). Everything is removed after."""
     import ray
     from mlflow.tracking import MlflowClient
 
     from kdtune import tracking
-    from kdtune.search import run_search
     from kdtune.cluster import init_ray
+    from kdtune.search import run_search
     from kdtune.tuning import SweepContext
 
-    spec = make_spec(args, trials=args.trials, epochs=args.trial_epochs)
-    workdir = tempfile.mkdtemp(prefix="kdtune-bench-")
-    ray_temp = None
+    workdir, ray_temp = tempfile.mkdtemp(prefix="kdtune-bench-"), None
     try:
         uri = f"sqlite:///{workdir}/mlflow.db"
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # the new store's table-creation notices
@@ -198,23 +205,34 @@ def tune_vs_sequential(args, data: SweepData) -> dict:
         ray_temp = init_ray(None)
         ray_init = clock.lap()[0]
         ctx = SweepContext(spec_to_dict(spec), uri, exp_id, parent_id)
-        started, clock = time.time(), Clock()
-        grid = run_search(spec, parse_space(spec), data, ctx, f"{workdir}/ray", resume=False)
-        tune_wall = clock.lap()[0]
-        results = sorted(grid, key=lambda r: r.metrics.get("timestamp", 0))
-        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
-        if errors:
-            raise RuntimeError(f"{len(errors)} of {len(results)} Tune trial(s) failed: {errors[0]}")
-        tracking.end_run(client, parent_id, "FINISHED")
-        configs = [dict(r.config) for r in results]
-        in_trial = [r.metrics["time_total_s"] for r in results]  # the trainable's start to its last report
-        tune_epochs = [float(r.metrics_dataframe["epoch_seconds"].sum()) for r in results]
-        ends = [r.metrics["timestamp"] for r in results]  # Ray's whole-second time of each trial's last report
+
+        def run(data: SweepData):
+            grid = run_search(spec, parse_space(spec), data, ctx, f"{workdir}/ray", resume=False)
+            errors = [str(r.error).strip().splitlines()[-1] for r in grid if r.error]
+            if errors:
+                raise RuntimeError(f"{len(errors)} of {len(grid)} Tune trial(s) failed: {errors[0]}")
+            tracking.end_run(client, parent_id, "FINISHED")
+            return grid
+        yield run, ray_init
     finally:
         ray.shutdown()
         for folder in (workdir, ray_temp):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def tune_vs_sequential(args, data: SweepData) -> dict:
+    """N trials through kdtune's Tune path, then the same N configs back to back with `run_trial`."""
+    spec = make_spec(args, trials=args.trials, epochs=args.trial_epochs)
+    with tune_session(spec) as (run, ray_init):
+        started, clock = time.time(), Clock()
+        grid = run(data)
+        tune_wall = clock.lap()[0]
+        results = sorted(grid, key=lambda r: r.metrics.get("timestamp", 0))
+        configs = [dict(r.config) for r in results]
+        in_trial = [r.metrics["time_total_s"] for r in results]  # the trainable's start to its last report
+        tune_epochs = [float(r.metrics_dataframe["epoch_seconds"].sum()) for r in results]
+        ends = [r.metrics["timestamp"] for r in results]  # Ray's whole-second time of each trial's last report
     seq_walls, seq_epochs = [], []
     for config in configs:
         epochs, clock = [], Clock()
@@ -239,6 +257,47 @@ def tune_vs_sequential(args, data: SweepData) -> dict:
                 "steady_gap_between_trials_approx": (ends[-1] - ends[0] - sum(in_trial[1:])) / (n - 1) if n > 1 else 0.0},
             "per_trial_seconds": {"tune_in_trial": in_trial, "tune_epochs": tune_epochs,
                                   "sequential_wall": seq_walls, "sequential_epochs": seq_epochs}}
+
+
+def tune_epoch_vs_floor(args, data: SweepData) -> dict:
+    """KD epochs inside a Ray Tune trial vs the bare floor loop, both with `--tune-threads` torch threads.
+
+    `--rounds` rounds, each: floor epochs in this process (no Ray running), then Ray started and one
+    KD trial of `--trial-epochs` epochs through run_search (resources.cpu = threads, which the
+    trainable turns into torch.set_num_threads), Ray stopped, floor epochs again. Each run of floor
+    epochs trains a fresh student, so that floor and trial compare the same epochs of training. The
+    floor keeps torch's default float mode (subnormals not flushed; kdtune's trial flushes them).
+    A round's ratio is the trial's median epoch (its own `epoch_seconds`, validation pass included)
+    over the median of the floor epochs around it, so that load from outside, which comes and goes
+    over tens of seconds on a shared machine, falls on both alike; the result is the median of the
+    rounds' ratios."""
+    spec = make_spec(args, epochs=args.trial_epochs, threads=args.tune_threads)
+
+    def floors() -> list[float]:
+        torch.manual_seed(SEED)
+        student = create_model("mlp", data.splits.in_shape, data.splits.num_classes, WIDTH)
+        optimizer = torch.optim.Adam(student.parameters(), lr=LR, fused=True)
+        generator = torch.Generator().manual_seed(SEED)
+        return [floor_epoch(student, optimizer, data.splits, generator)[0] for _ in range(args.trial_epochs)]
+
+    threads, rounds = torch.get_num_threads(), []
+    try:
+        torch.set_num_threads(args.tune_threads)
+        torch.set_flush_denormal(False)  # torch's default, which run_trial in [1]-[3] changed in this thread
+        for _ in range(args.rounds):
+            before = floors()
+            with tune_session(spec) as (run, _):
+                (result,) = run(data)
+            trial = [float(s) for s in result.metrics_dataframe["epoch_seconds"]]
+            floor = before + floors()
+            rounds.append({"trial_epoch_seconds": trial, "floor_epoch_seconds": floor,
+                           "ratio": statistics.median(trial) / statistics.median(floor)})
+    finally:
+        torch.set_num_threads(threads)
+    return {"threads": args.tune_threads, "epochs_per_trial": args.trial_epochs, "rounds": rounds,
+            "ratio": statistics.median(r["ratio"] for r in rounds),
+            "trial_median_seconds": statistics.median(x for r in rounds for x in r["trial_epoch_seconds"]),
+            "floor_median_seconds": statistics.median(x for r in rounds for x in r["floor_epoch_seconds"])}
 
 
 def fmt(values) -> str:
@@ -323,6 +382,19 @@ def main(argv=None) -> int:
     print(f"  per trial, in run order: Tune in-trial {fmt(per['tune_in_trial'])} (epochs {fmt(per['tune_epochs'])}); "
           f"back to back {fmt(per['sequential_wall'])} (epochs {fmt(per['sequential_epochs'])})")
 
+    print(f"\n[4] KD epoch inside a Ray Tune trial vs the floor loop, both with {args.tune_threads} torch threads "
+          f"({args.rounds} rounds: floor epochs, one {args.trial_epochs}-epoch KD trial through run_search with "
+          f"resources.cpu={args.tune_threads} on a fresh private Ray, floor epochs)")
+    in_tune = tune_epoch_vs_floor(args, data)
+    ok4 = in_tune["ratio"] <= TARGETS["tune_trial_over_floor_max"]
+    for i, r in enumerate(in_tune["rounds"], 1):
+        print(f"  round {i}: trial epochs {fmt(r['trial_epoch_seconds'])} s; floor {fmt(r['floor_epoch_seconds'])} s; "
+              f"ratio {r['ratio']:.2f}")
+    print(f"  Tune trial epoch (its epoch_seconds, incl. its val pass): median {in_tune['trial_median_seconds']:.2f} s; "
+          f"floor: median {in_tune['floor_median_seconds']:.2f} s")
+    print(f"  ratio trial / floor (median of the rounds' ratios): {in_tune['ratio']:.2f}x  "
+          f"target <= {TARGETS['tune_trial_over_floor_max']:g}x: {verdict(ok4)}")
+
     load_end = os.getloadavg()
     print(f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     report = {
@@ -337,11 +409,14 @@ def main(argv=None) -> int:
         "floor_epoch": {"median_seconds": floor, "epochs": loops["floor"], "median_cpu_seconds": floor_cpu,
                         "cpu": loops["floor_cpu"]},
         "tune": tune,
-        "ratios": {"tutorial_over_kdtune": ratio1, "kdtune_over_floor": ratio2, "tune_overhead_per_trial_s": overhead},
+        "tune_trial_vs_floor": in_tune,
+        "ratios": {"tutorial_over_kdtune": ratio1, "kdtune_over_floor": ratio2, "tune_overhead_per_trial_s": overhead,
+                   "tune_trial_over_floor": in_tune["ratio"]},
         "ratios_cpu_time": {"tutorial_over_kdtune": tutorial["cpu_seconds_per_epoch"] / kd_cpu,
                             "kdtune_over_floor": kd_cpu / floor_cpu},
         "targets": TARGETS,
-        "targets_met": {"tutorial_over_kdtune": ok1, "kdtune_over_floor": ok2, "tune_overhead_per_trial": ok3},
+        "targets_met": {"tutorial_over_kdtune": ok1, "kdtune_over_floor": ok2, "tune_overhead_per_trial": ok3,
+                        "tune_trial_over_floor": ok4},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -59,6 +59,44 @@ def test_kd_matches_explicit_formula():
     assert out["ce"].item() == pytest.approx((1 - alpha) * ce, rel=1e-5)
 
 
+@pytest.mark.parametrize("label_smoothing, ce_weight", [(0.0, 1.0), (0.1, 0.5)])
+def test_kd_gradient_is_the_composed_losses(label_smoothing, ce_weight):
+    """KD's closed-form gradient equals autograd's through the loss written out op by op."""
+    g = torch.Generator().manual_seed(1)
+    s_logits, t_logits = torch.randn(6, 7, generator=g), torch.randn(6, 7, generator=g) * 2
+    labels, T, alpha = torch.tensor([0, 6, 2, 2, 5, 1]), 2.5, 0.6
+    leaf = s_logits.clone().requires_grad_()
+    s = Features(leaf, torch.zeros(6, 2))
+    method = make("kd", s, {"logits": t_logits}, ce_weight=ce_weight, label_smoothing=label_smoothing,
+                  temperature=T, alpha=alpha)
+    out = method.losses(s, {"logits": t_logits}, labels, torch.arange(6), 0.0)
+    (3 * out["kd"] - 2 * out["ce"]).backward()  # unequal upstream gradients reach each term
+
+    z = s_logits.clone().requires_grad_()
+    log_q = z / T - torch.log(torch.exp(z / T).sum(1, keepdim=True))
+    pt = softmax(t_logits / T)
+    kd = alpha * T ** 2 * (pt * (torch.log(pt) - log_q)).sum() / 6
+    target = torch.full((6, 7), label_smoothing / 7)
+    target[torch.arange(6), labels] += 1 - label_smoothing
+    ce = -(1 - alpha) * ce_weight * (target * (z - torch.log(torch.exp(z).sum(1, keepdim=True)))).sum() / 6
+    (3 * kd - 2 * ce).backward()
+    assert out["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert torch.allclose(leaf.grad, z.grad, atol=1e-6)
+
+
+def test_kd_keeps_the_dtype_of_bf16_logits():
+    """Under bf16 autocast the student's logits are bf16: the loss is computed in fp32 and the
+    gradient handed back in bf16."""
+    logits = torch.randn(4, 5).to(torch.bfloat16).requires_grad_()
+    s = Features(logits, torch.zeros(4, 2))
+    out = make("kd", s, {"logits": torch.randn(4, 5)}).losses(s, {"logits": torch.randn(4, 5)},
+                                                              torch.tensor([0, 1, 2, 3]), torch.arange(4), 0.0)
+    (out["kd"] + out["ce"]).backward()
+    assert out["kd"].dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    assert torch.isfinite(logits.grad.float()).all()
+
+
 # ---------------------------------------------------------------- RKD
 
 def rkd_out(student_emb, teacher_emb, **params):

@@ -1,14 +1,48 @@
 """Hinton et al. 2015: match the teacher's temperature-softened class distribution."""
+import torch
 import torch.nn.functional as F
 
 from kdtune.distill.base import Distiller, Param, register
 
 
-def soft_kl(student_logits, teacher_logits, temperature):
-    """KL(softmax(t/T) || softmax(s/T)) averaged over the batch."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.log_softmax(teacher_logits / temperature, dim=1),
-                    reduction="batchmean", log_target=True)
+class KDLoss(torch.autograd.Function):
+    """KD's two weighted terms, (w_kd * T^2 * KL, w_ce * CE), with their gradient in closed form.
+
+    On a small student a CPU step is mostly per-op overhead: one autograd node with the analytic
+    gradient, w_kd * T * (softmax(s/T) - softmax(t/T)) / B + w_ce * (softmax(s) - q) / B for the
+    label-smoothed one-hot q (labels gathered and scattered, never one-hot encoded), runs about a
+    tenth faster than the loss written op by op. tests/test_methods.py checks values and gradient
+    against the composed loss.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, teacher_logits, labels, temperature, w_kd, w_ce, label_smoothing):
+        dtype, logits = logits.dtype, logits.float()  # under bf16 autocast too: softmaxes in fp32
+        batch, classes = logits.shape
+        log_q = F.log_softmax(logits / temperature, dim=1)
+        log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+        p = log_p.exp()
+        kd = (p * (log_p - log_q)).sum() * (w_kd * temperature ** 2 / batch)
+        log_s = F.log_softmax(logits, dim=1)
+        labels = labels.unsqueeze(1)
+        ce = log_s.gather(1, labels).sum() * (-w_ce * (1 - label_smoothing) / batch)
+        if label_smoothing:  # q = (1 - eps) * one_hot + eps / classes
+            ce = ce - log_s.sum() * (w_ce * label_smoothing / (classes * batch))
+        ctx.save_for_backward(log_q, p, log_s, labels)
+        ctx.scales = w_kd * temperature / batch, w_ce / batch, label_smoothing, dtype
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        log_q, p, log_s, labels = ctx.saved_tensors
+        kd_scale, ce_scale, label_smoothing, dtype = ctx.scales
+        grad_s = log_s.exp()
+        if label_smoothing:
+            grad_s -= label_smoothing / log_s.shape[1]
+        grad_s.scatter_add_(1, labels, torch.full(labels.shape, label_smoothing - 1.0))
+        grad = (log_q.exp() - p).mul_(grad_kd * kd_scale)
+        grad.add_(grad_s.mul_(grad_ce * ce_scale))
+        return grad.to(dtype), None, None, None, None, None, None
 
 
 @register
@@ -20,5 +54,6 @@ class KD(Distiller):
 
     def losses(self, s, t, labels, idx, progress):
         temperature, alpha = self.hp["temperature"], self.hp["alpha"]
-        return {"ce": (1 - alpha) * self.ce(s, labels),
-                "kd": alpha * temperature ** 2 * soft_kl(s.logits, t["logits"], temperature)}
+        kd, ce = KDLoss.apply(s.logits, t["logits"], labels, temperature, alpha,
+                              (1 - alpha) * self.ce_weight, self.label_smoothing)
+        return {"ce": ce, "kd": kd}
