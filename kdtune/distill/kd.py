@@ -39,7 +39,7 @@ class KDLoss(torch.autograd.Function):
         grad_s = log_s.exp()
         if label_smoothing:
             grad_s -= label_smoothing / log_s.shape[1]
-        grad_s.scatter_add_(1, labels, torch.full(labels.shape, label_smoothing - 1.0))
+        grad_s.scatter_add_(1, labels, grad_s.new_full(labels.shape, label_smoothing - 1.0))
         grad = (log_q.exp() - p).mul_(grad_kd * kd_scale)
         grad.add_(grad_s.mul_(grad_ce * ce_scale))
         return grad.to(dtype), None, None, None, None, None, None
