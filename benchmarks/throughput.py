@@ -134,6 +134,14 @@ class TutorialLoop:
         return clock.lap()
 
 
+def fresh_floor(splits):
+    """The floor loop's seeded student, its optimizer (fused Adam, what kdtune's trial uses for adam)
+    and its batch-order generator."""
+    torch.manual_seed(SEED)
+    student = create_model("mlp", splits.in_shape, splits.num_classes, WIDTH)
+    return student, torch.optim.Adam(student.parameters(), lr=LR, fused=True), torch.Generator().manual_seed(SEED)
+
+
 def floor_epoch(student, optimizer, splits, generator) -> tuple[float, float]:
     """The compute floor: the same student on in-memory tensors, permuted indices, CE, no distillation.
     Rows are gathered with index_select, as kdtune does (about twice as fast as x[idx] on CPU)."""
@@ -157,10 +165,7 @@ def epochs_interleaved(args, data: SweepData, teacher) -> dict:
     per_epoch = len(tutorial.loader)
     timed = max(args.epochs, round(QUICK_FRACTION * per_epoch)) if args.quick else per_epoch
     chunks = [len(c) for c in torch.arange(timed).tensor_split(args.epochs)]
-    torch.manual_seed(SEED)
-    student = create_model("mlp", data.splits.in_shape, data.splits.num_classes, WIDTH)
-    optimizer = torch.optim.Adam(student.parameters(), lr=LR, fused=True)  # what kdtune's trial uses for adam
-    generator = torch.Generator().manual_seed(SEED)
+    student, optimizer, generator = fresh_floor(data.splits)
     out = {"kd": [], "kd_cpu": [], "floor": [], "floor_cpu": [], "tutorial": [], "tutorial_cpu": []}
     since = [time.process_time()]
 
@@ -274,10 +279,7 @@ def tune_epoch_vs_floor(args, data: SweepData) -> dict:
     spec = make_spec(args, epochs=args.trial_epochs, threads=args.tune_threads)
 
     def floors() -> list[float]:
-        torch.manual_seed(SEED)
-        student = create_model("mlp", data.splits.in_shape, data.splits.num_classes, WIDTH)
-        optimizer = torch.optim.Adam(student.parameters(), lr=LR, fused=True)
-        generator = torch.Generator().manual_seed(SEED)
+        student, optimizer, generator = fresh_floor(data.splits)
         return [floor_epoch(student, optimizer, data.splits, generator)[0] for _ in range(args.trial_epochs)]
 
     threads, rounds = torch.get_num_threads(), []
