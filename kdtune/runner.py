@@ -180,9 +180,9 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         from kdtune.tuning import SweepContext
 
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study)
-        trials, students = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
+        trials, students, interrupted = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
         trials, missing = finish.reconcile(client, exp_id, parent_id, trials)
-        interrupted = bool((trials["status"] == "KILLED").any())
+        interrupted = interrupted or bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
         trials, front, gain, summary = report(spec, trials, out_dir, {
             "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
@@ -235,17 +235,20 @@ def _parent_run(client, exp_id: str, spec_dict: dict, out_dir: Path, storage: st
     return parent_id
 
 
-def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bool) -> tuple[pd.DataFrame, dict]:
+def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bool) -> tuple[pd.DataFrame, dict, bool]:
     """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
-    and (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student."""
-    from kdtune.search import collect, configs, run_confirm, run_search, trained
+    (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student; and
+    whether a phase ended short of its trials (interrupted)."""
+    from kdtune.search import collect, configs, run_confirm, run_search, search_size, trained
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
     trials = collect(grid, columns, spec, "search", _ended(client, ctx))
     students = {("search", tid): found for tid, found in trained(grid).items()}
-    if spec.search.confirm_seeds == 0 or (trials["status"] == "KILLED").any():
-        return trials, students
+    if len(grid) < search_size(spec, space) or (trials["status"] == "KILLED").any():
+        return trials, students, True
+    if spec.search.confirm_seeds == 0:
+        return trials, students, False
     picks = confirm.candidates(trials, objectives(spec))
     by_trial = configs(grid)
     points = [{**by_trial[tid], "seed": seed, "source_trial": tid}
@@ -254,7 +257,7 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     grid = run_confirm(spec, data, replace(ctx, phase="confirm"), storage, points, resume)
     reruns = collect(grid, columns, spec, "confirm", _ended(client, ctx))
     students.update({("confirm", tid): found for tid, found in trained(grid).items()})
-    return pd.concat([trials, reruns], ignore_index=True), students
+    return pd.concat([trials, reruns], ignore_index=True), students, len(grid) < len(points)
 
 
 def _ended(client, ctx) -> dict:

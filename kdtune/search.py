@@ -40,14 +40,24 @@ def _accuracy_objective(spec):
     return next((o for o in spec.search.objectives if o.metric in ("val_acc", "val_loss")), spec.search.objectives[0])
 
 
+def _baselines(spec, space: SearchSpace) -> list[dict]:
+    return space.baseline_points() if spec.search.baselines else []
+
+
+def search_size(spec, space: SearchSpace) -> int:
+    """Trials in a complete search: fewer in its ResultGrid means Ctrl+C ended it early, even
+    when no trial was running at that moment (none is then KILLED)."""
+    return spec.search.num_samples + len(_baselines(spec, space))
+
+
 def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, resume: bool):
     """The Optuna search through Ray Tune; with `resume`, the interrupted one continues."""
     path = f"{storage}/search"
     if resume and tune.Tuner.can_restore(path):
         return _restore(path, spec, data, ctx)
     objectives = spec.search.objectives
-    baselines = space.baseline_points() if spec.search.baselines else []
-    total = spec.search.num_samples + len(baselines)
+    baselines = _baselines(spec, space)
+    total = search_size(spec, space)
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
                               mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,

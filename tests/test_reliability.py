@@ -1,6 +1,7 @@
 """Failures a long sweep meets: diverging and crashing trials, unreachable tracking, bad teacher
 checkpoints, kills while writing, Ctrl-C; and reproducibility of the sampled configurations."""
 import glob
+import json
 import pickle
 import signal
 import time
@@ -137,8 +138,13 @@ def test_ctrl_c_stops_trials_ends_runs_killed_and_writes_partial_results(tmp_pat
     output = "".join(lines) + rest
     assert sweep.returncode == 130, output[-3000:]
     assert "--resume" in output and "Traceback" not in output
-    trials = pd.read_csv(tmp_path / "results" / "rel" / "trials.csv")
-    assert (trials["status"] == "KILLED").any() and (trials["reason"][trials["status"] == "KILLED"] == "interrupted").all()
+    out = tmp_path / "results" / "rel"
+    trials = pd.read_csv(out / "trials.csv")
+    killed = trials["status"] == "KILLED"
+    assert (trials["reason"][killed] == "interrupted").all()
+    # Ctrl+C can land just as the running trials finish: then none is KILLED, but the search is short
+    assert killed.any() or len(trials) < 6, trials
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
     _, runs = mlflow_runs(tmp_path)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
