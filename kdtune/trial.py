@@ -182,7 +182,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
             with precision():
                 terms = distiller(student(x), targets(idx, x, views), y, idx, epoch + step / len(order))
             first, *rest = terms.values()
-            loss = sum(rest, first)
+            loss = sum(rest, first)  # not sum(terms.values()): that adds its start, 0, as one more op a step
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
