@@ -239,7 +239,7 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
     (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student; and
     whether a phase ended short of its trials (interrupted)."""
-    from kdtune.search import collect, configs, run_confirm, run_search, search_size, trained
+    from kdtune.search import collect, configs, fail_lost_trials, run_confirm, run_search, search_size, trained
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
@@ -247,6 +247,8 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     students = {("search", tid): found for tid, found in trained(grid).items()}
     if len(grid) < search_size(spec, space) or (trials["status"] == "KILLED").any():
         return trials, students, True
+    if ctx.optuna_storage and (lost := fail_lost_trials(ctx)):
+        log(f"Optuna: {lost} trial(s) asked for just before a driver kill marked FAIL (sampled anew on resume)")
     if spec.search.confirm_seeds == 0:
         return trials, students, False
     picks = confirm.candidates(trials, objectives(spec))

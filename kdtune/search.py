@@ -50,6 +50,16 @@ def search_size(spec, space: SearchSpace) -> int:
     return spec.search.num_samples + len(_baselines(spec, space))
 
 
+def fail_lost_trials(ctx: SweepContext) -> int:
+    """Mark FAIL the Optuna trials still RUNNING when the search is complete: each was asked for just
+    before a driver kill, after Tune's last snapshot, and the resumed search sampled another in its place."""
+    study = optuna.load_study(study_name=ctx.optuna_study, storage=ctx.optuna_storage)
+    lost = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in lost:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(lost)
+
+
 def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, resume: bool):
     """The Optuna search through Ray Tune; with `resume`, the interrupted one continues."""
     path = f"{storage}/search"

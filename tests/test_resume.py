@@ -125,3 +125,37 @@ def test_an_interrupted_or_errored_trial_is_not_replayed_but_trains_again(tmp_pa
     assert child() == run_id
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.tags["kdtune.starts"] == "2"
+
+
+def test_reconcile_deletes_the_run_of_a_trial_tune_never_recorded(tmp_path):
+    """A trial started after Tune's last experiment snapshot, then the driver killed: --resume samples
+    it anew, so its run (still RUNNING) matches no row; the sweep's end ends and deletes it."""
+    from kdtune.report import finish
+
+    client, ctx, child = child_store(tmp_path)
+    kept = child()
+    tracking.end_run(client, kept, "FINISHED")
+    orphan = tracking.child_run(client, ctx.experiment_id, ctx.parent_run_id, "t9", "t9 kd mlp16", {"loss": "kd"}, {})
+    tracking.log_epoch(client, orphan, epoch_result(1, last=False))
+    trials = pd.DataFrame([{"trial_id": "t1", "phase": "search", "loss": "kd", "student": "mlp16", "status": "FINISHED",
+                            "reason": "", "mlflow_run_id": kept, "epochs": 8, "val_acc": 0.9, "params": 12345}])
+    reconciled, missing = finish.reconcile(client, ctx.experiment_id, ctx.parent_run_id, trials)
+    assert missing == [] and list(reconciled["mlflow_run_id"]) == [kept]
+    live = client.search_runs([ctx.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}'")
+    assert [r.info.run_id for r in live] == [kept]
+    gone = client.get_run(orphan)  # deleted, not purged: its epoch is still there to restore
+    assert gone.info.lifecycle_stage == "deleted" and gone.info.status == "KILLED"
+    assert gone.data.tags["kdtune.reconciled"] == "orphan" and gone.data.metrics["val_acc"] == pytest.approx(0.51)
+
+
+def test_a_complete_search_marks_the_optuna_trials_lost_in_a_driver_kill_failed(tmp_path):
+    from kdtune.search import fail_lost_trials
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize"])
+    done = study.ask()
+    study.tell(done, [0.9, 1000.0])
+    study.ask()  # asked, then the driver was killed before Tune's snapshot recorded its trial
+    assert fail_lost_trials(SweepContext({}, "", "", "", optuna_storage=url, optuna_study="s")) == 1
+    states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]

@@ -3,7 +3,9 @@ Tune's results, log the deployable students, write and log the report.
 
 Reconciliation makes MLflow agree with trials.csv whatever the tracking server did during the
 sweep: each trial has exactly one run (a duplicate created by a retried request is deleted; a
-run that could not be created is created now), with its final metrics and its end status. A
+run that could not be created is created now), with its final metrics and its end status; a run
+of a trial Tune never recorded (started just before a driver kill, after Tune's last snapshot of
+the experiment, so sampled anew on resume) is ended KILLED and deleted. A
 trial whose run or model cannot be fixed is named as missing; `python -m kdtune.report --sync`
 retries from results/ alone.
 """
@@ -74,7 +76,20 @@ def reconcile(client, exp_id: str, parent_id: str, trials: pd.DataFrame) -> tupl
         except Exception as exc:  # noqa: BLE001
             log(f"MLflow: cannot reconcile trial {row['trial_id']}: {tracking.first_line(exc)}")
             missing.append(row["trial_id"])
+    known = set(trials["trial_id"])
+    orphans = [run for trial_id, found in by_trial.items() if trial_id and trial_id not in known for run in found]
+    for run in orphans:  # deleted, not purged: `mlflow runs restore` brings one back
+        tracking.guarded("delete orphan run", _drop_orphan, client, run)
+    if orphans:
+        log(f"MLflow: deleted {len(orphans)} run(s) of trials Tune never recorded (started just before a driver kill)")
     return trials, missing
+
+
+def _drop_orphan(client, run) -> None:
+    if run.info.status == "RUNNING":
+        tracking.end_run(client, run.info.run_id, "KILLED", "orphan: Tune never recorded this trial")
+    client.set_tag(run.info.run_id, "kdtune.reconciled", "orphan")
+    client.delete_run(run.info.run_id)
 
 
 def _reconcile_one(client, exp_id: str, parent_id: str, row: pd.Series, found: list) -> str:
