@@ -78,18 +78,19 @@ def reconcile(client, exp_id: str, parent_id: str, trials: pd.DataFrame) -> tupl
             missing.append(row["trial_id"])
     known = set(trials["trial_id"])
     orphans = [run for trial_id, found in by_trial.items() if trial_id and trial_id not in known for run in found]
-    for run in orphans:  # deleted, not purged: `mlflow runs restore` brings one back
-        tracking.guarded("delete orphan run", _drop_orphan, client, run)
-    if orphans:
-        log(f"MLflow: deleted {len(orphans)} run(s) of trials Tune never recorded (started just before a driver kill)")
+    # deleted, not purged: `mlflow runs restore` brings one back
+    dropped = sum(tracking.guarded("delete orphan run", _drop_orphan, client, run, default=False) for run in orphans)
+    if dropped:
+        log(f"MLflow: deleted {dropped} run(s) of trials Tune never recorded (started just before a driver kill)")
     return trials, missing
 
 
-def _drop_orphan(client, run) -> None:
+def _drop_orphan(client, run) -> bool:
     if run.info.status == "RUNNING":
         tracking.end_run(client, run.info.run_id, "KILLED", "orphan: Tune never recorded this trial")
     client.set_tag(run.info.run_id, "kdtune.reconciled", "orphan")
     client.delete_run(run.info.run_id)
+    return True
 
 
 def _reconcile_one(client, exp_id: str, parent_id: str, row: pd.Series, found: list) -> str:
