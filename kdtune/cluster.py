@@ -41,12 +41,11 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
 
     runtime_env = {"py_modules": list(py_modules)} if py_modules else None
 
-    # Snapshot the experiment state every second, not every 10+ s: a driver killed between two
-    # snapshots loses the trials started since (--resume samples them anew, and the sweep's end
-    # deletes their runs). Not at every step either: the controller steps ten times a second even
-    # when idle, and those snapshots took 13% of a core from the trials (a KD trial's epoch on two
-    # cores: 1.59x the bare loop, against 1.37x with snapshots every 10 s).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Snapshot the experiment state at every step, not every 10+ s: a driver killed between two
+    # snapshots loses the trials started since, and --resume would sample them anew. It costs the
+    # trials CPU (the controller steps ten times a second), but a 1 s period lost whole trials:
+    # a short one could start and finish between two snapshots, its result then in Optuna alone.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A reused actor waits this long for the previous trial's thread to end (Tune's default, 2 s, is
