@@ -42,9 +42,9 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
     runtime_env = {"py_modules": list(py_modules)} if py_modules else None
 
     # Snapshot the experiment state at every step, not every 10+ s: a driver killed between two
-    # snapshots loses the trials started since, and --resume would sample them anew. It costs the
-    # trials CPU (the controller steps ten times a second), but a 1 s period lost whole trials:
-    # a short one could start and finish between two snapshots, its result then in Optuna alone.
+    # snapshots loses the trials started since. kdtune.snapshots.EventSnapshots then moves the
+    # snapshots to the steps where a trial was added, started, checkpointed or ended, so that the
+    # controller's ten idle steps a second do not cost the trials CPU.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

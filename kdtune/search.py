@@ -9,6 +9,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from kdtune import results
+from kdtune.snapshots import EventSnapshots
 from kdtune.space import SearchSpace, resolve
 from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable, trial_status
 
@@ -23,7 +24,7 @@ def _trainable(spec, data, ctx):
 
 
 def _run_config(spec, storage: str, name: str, callback) -> tune.RunConfig:
-    return tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=0,
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=[callback, EventSnapshots()], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                           # keep every checkpoint: after a driver kill, the last experiment snapshot may
                           # name any older one, and deleting it makes the trial fail to resume
