@@ -5,18 +5,20 @@ Tune writes its experiment snapshot (trial states, the pickled searcher) on a ti
 controller steps ten times a second while it only waits for results, and a snapshot at every step
 took 13% of a core from the trials on a 2-core machine. A longer period loses the trials that start
 and end between two snapshots. Tune has no "snapshot on event" option, so `EventSnapshots` finds
-the controller that calls its hooks and, at the end of any step in which a trial was added,
-started, checkpointed, recovered or ended, calls the controller's own `checkpoint(force=True,
-wait=True)`, and turns the timer off. A result without a checkpoint changes nothing a resume uses.
-Waiting for each upload keeps the next snapshot from rewriting the staged files while they are
-copied (Tune's background copy then fails on a renamed temporary file). On a Ray whose controller
-does not look as expected it changes nothing, and the snapshots stay at every step.
+the controller that calls its hooks, stops the timer, and at the end of any step in which a trial
+was added, started, checkpointed, recovered or ended calls the controller's own
+`checkpoint(force=True, wait=True)`. A result without a checkpoint changes nothing a resume uses.
+A snapshot written while the previous one's upload still copies the staged files makes that copy
+fail (a temporary file is renamed under it) with an error in the log; so each snapshot waits for
+its upload, and the timer stops before its first one. On a Ray whose controller does not look as
+expected, nothing changes: the snapshots stay at every step.
 """
 from __future__ import annotations
 
 import logging
 import math
 import sys
+import time
 
 from ray import tune
 
@@ -52,16 +54,16 @@ class EventSnapshots(tune.Callback):
                 log.warning("kdtune: no Tune controller found; experiment snapshots stay at every step")
         return self._controller
 
-    def on_step_end(self, iteration, trials, **info):
+    def on_step_begin(self, iteration, trials, **info):
         controller = self._found()
-        if not controller:
-            return
-        manager = controller._checkpoint_manager  # a resumed controller builds a new one
-        if manager._checkpoint_period == 0:  # kdtune's default: events take over from the timer
-            manager._checkpoint_period = math.inf
-        if self._changed or len(trials) != self._trials_seen:  # len grows when the searcher adds a trial
+        manager = controller._checkpoint_manager if controller else None  # a resumed controller builds a new one
+        if manager is not None and manager._checkpoint_period == 0:  # kdtune's default: the events take over
+            manager._checkpoint_period, manager._last_save_time = math.inf, time.monotonic()
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._controller and (self._changed or len(trials) != self._trials_seen):  # len grows as trials are added
             self._changed, self._trials_seen = False, len(trials)
-            controller.checkpoint(force=True, wait=True)
+            self._controller.checkpoint(force=True, wait=True)
 
     def _change(self, *args, **info):
         self._changed = True
