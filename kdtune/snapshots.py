@@ -44,8 +44,8 @@ class EventSnapshots(tune.Callback):
         self._trials_seen = 0
         self._changed = False
 
-    def __getstate__(self):  # Tune pickles callbacks into the snapshot; the controller is not part of it
-        return {"_controller": None, "_trials_seen": 0, "_changed": False}
+    def __reduce__(self):  # Tune pickles callbacks into the snapshot: the controller is not part of it
+        return EventSnapshots, ()
 
     def _found(self):
         if self._controller is None:

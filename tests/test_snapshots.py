@@ -41,12 +41,11 @@ def watch_the_snapshot(config):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *filter(None, [path])])  # workers import this file
-    temp_dir = init_ray(None)  # kdtune's own setup: TUNE_GLOBAL_CHECKPOINT_S=0, a snapshot every step
-    yield
-    ray.shutdown()
-    os.environ.pop("PYTHONPATH") if path is None else os.environ.update(PYTHONPATH=path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)  # workers import this file
+        temp_dir = init_ray(None)  # kdtune's own setup: TUNE_GLOBAL_CHECKPOINT_S=0, a snapshot every step
+        yield
+        ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -58,23 +57,14 @@ def run(tmp_path, name, callbacks) -> list[dict]:
     return [result.metrics for result in tuner.fit()]
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_a_started_trial_is_in_the_snapshot_at_once_and_idle_steps_write_none(tmp_path, local_ray):
+def test_a_started_trial_is_in_the_snapshot_at_once_and_idle_steps_write_none(tmp_path, local_ray, caplog):
     every_step = run(tmp_path, "every-step", [])
-    tune_log, records = logging.getLogger("ray.tune.execution.experiment_state"), Records()
-    tune_log.addHandler(records)
+    tune_log = logging.getLogger("ray.tune.execution.experiment_state")  # under "ray", which does not propagate
+    tune_log.addHandler(caplog.handler)
     try:
         on_events = run(tmp_path, "on-events", [EventSnapshots()])
     finally:
-        tune_log.removeHandler(records)
+        tune_log.removeHandler(caplog.handler)
     # the control: without the callback, kdtune's period 0 rewrites the snapshot many times a second
     assert all(trial["idle_writes"] >= 5 for trial in every_step), [trial["idle_writes"] for trial in every_step]
     # with it, each trial's start is in the snapshot at once, as with a snapshot every step (with
@@ -84,4 +74,4 @@ def test_a_started_trial_is_in_the_snapshot_at_once_and_idle_steps_write_none(tm
     assert all(trial["idle_writes"] == 0 for trial in on_events), [trial["idle_writes"] for trial in on_events]
     # no snapshot overwrote the staged files while an upload still copied them ("Saving experiment
     # state to storage ... failed", which Tune logs and then goes on)
-    assert records.messages == []
+    assert [r.getMessage() for r in caplog.records if r.name == tune_log.name and r.levelno >= logging.WARNING] == []
