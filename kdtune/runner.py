@@ -161,6 +161,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     tracking.use_retries()  # a restarting tracking server costs waiting, not runs
     uri = tracking.absolute_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
+    tracking.use_wal(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
     data_, teacher_info = prepare(spec, space, teacher, student, data)
@@ -239,20 +240,27 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
     (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student; and
     whether a phase ended short of its trials (interrupted)."""
-    from kdtune.search import collect, configs, fail_lost_trials, run_confirm, run_search, search_size, trained
+    from kdtune.search import (collect, fail_lost_trials, recovered_runs, recovered_students, run_confirm, run_search,
+                               search_size, tell_recovered, trained)
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
-    trials = collect(grid, columns, spec, "search", _ended(client, ctx))
+    lost = recovered_runs(grid, ctx)
+    if lost:
+        log(f"{len(lost)} trial(s) that ended after Tune's last snapshot before a driver kill recovered from MLflow")
+    trials = collect(grid, columns, spec, "search", _ended(client, ctx), lost)
     students = {("search", tid): found for tid, found in trained(grid).items()}
-    if len(grid) < search_size(spec, space) or (trials["status"] == "KILLED").any():
+    students.update({("search", tid): found for tid, found in recovered_students(lost, f"{storage}/search").items()})
+    if len(trials) < search_size(spec, space) or (trials["status"] == "KILLED").any():
         return trials, students, True
-    if ctx.optuna_storage and (lost := fail_lost_trials(ctx)):
-        log(f"Optuna: {lost} trial(s) asked for just before a driver kill marked FAIL (sampled anew on resume)")
+    if ctx.optuna_storage and lost:
+        tell_recovered(ctx, lost, [m for m, _ in objectives(spec)])
+    if ctx.optuna_storage and (failed := fail_lost_trials(ctx)):
+        log(f"Optuna: {failed} trial(s) asked for just before a driver kill marked FAIL (sampled anew on resume)")
     if spec.search.confirm_seeds == 0:
         return trials, students, False
     picks = confirm.candidates(trials, objectives(spec))
-    by_trial = configs(grid)
+    by_trial = {tid: config for (_, tid), (config, _) in students.items()}
     points = [{**by_trial[tid], "seed": seed, "source_trial": tid}
               for tid in picks["trial_id"] for seed in confirm.seeds(spec.seed, spec.search.confirm_seeds)]
     log(f"confirming {len(picks)} configurations with {spec.search.confirm_seeds} fresh seeds each ({len(points)} runs)")

@@ -2,15 +2,16 @@
 
 Trials create their own child run (idempotently, keyed by the Ray trial id, so a
 restored trial reattaches to it, and one restored after it completed replays its result
-from it); the driver logs their metrics and ends every run, so early-stopped, failed and
-interrupted trials never stay RUNNING.
+from it), log their own epochs to it and end it when they complete; the driver ends the runs
+of early-stopped, failed and interrupted trials, so none stays RUNNING.
 """
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +25,9 @@ LOGGED_METRICS = ("epoch", "val_acc", "val_loss", "test_acc", "params", "extra_p
                   "teacher_passes")
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
+PHASE_TAG = "kdtune.phase"
+CONFIG_TAG = "kdtune.config"  # the trial's config as JSON
+OPTUNA_TAG = "kdtune.optuna_trial"  # the number of the search trial's Optuna trial
 
 
 def absolute_uri(uri: str | None) -> str:
@@ -53,6 +57,15 @@ def check_reachable(uri: str) -> None:
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrackingError(f"MLflow tracking URI {uri} cannot be reached: {first[:300]}") from None
+
+
+def use_wal(uri: str) -> None:
+    """Put a local sqlite store in write-ahead-log mode (a setting of the file, kept from then on):
+    dozens of trials then write while others read, instead of queueing behind every reader.
+    MLflow's own busy timeout (20 s) covers the writers' short turns."""
+    if uri.startswith("sqlite:///"):
+        with closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -113,6 +126,17 @@ def completed(run) -> bool:
     tags = run.data.tags
     return run.info.status != "RUNNING" and (tags.get("kdtune.status") in ("FINISHED", "STOPPED")
                                              or tags.get("kdtune.reason") == "diverged")
+
+
+def completed_runs(client: MlflowClient, exp_id: str, parent_id: str, phase: str) -> list:
+    """The sweep's child runs of `phase` whose trials completed (see `completed`)."""
+    runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{PHASE_TAG}` = '{phase}'",
+                              max_results=50000)
+    return [run for run in runs if completed(run)]
+
+
+def completed_trial_ids(client: MlflowClient, exp_id: str, parent_id: str, phase: str) -> set[str]:
+    return {run.data.tags[TRIAL_TAG] for run in completed_runs(client, exp_id, parent_id, phase)}
 
 
 def final_result(client: MlflowClient, run_id: str) -> dict | None:

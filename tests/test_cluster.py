@@ -87,11 +87,12 @@ class Cluster:
     env: dict = field(default_factory=dict)  # for drivers and clients: the token, but no RAY_AUTH_MODE
     node_ids: set = field(default_factory=set)
     procs: list = field(default_factory=list)
+    cpus: int = 1  # CPU slots each node advertises
 
     def start(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.log", "w")
         node_env = {**self.env, "RAY_AUTH_MODE": "token"}  # every node of a token cluster needs it
-        self.procs.append(subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=1",
+        self.procs.append(subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={self.cpus}",
                                             f"--node-ip-address={HOST}", f"--temp-dir={self.root / name}",
                                             "--object-store-memory=200000000", *args],
                                            env=node_env, stdout=log, stderr=subprocess.STDOUT,
@@ -142,8 +143,8 @@ def wait_for_nodes(cluster: Cluster, count: int, timeout: float = 90) -> set[str
         time.sleep(2)
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def new_cluster(cpus: int = 1) -> Cluster:
+    """A Cluster in a temp dir of its own, with a token of its own."""
     # A short path: Ray's unix sockets live under the temp dirs and must stay under 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="kdtc-", dir="/tmp"))
     token = root / "auth_token"
@@ -151,15 +152,25 @@ def cluster():
     token.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_TOKEN_PATH=str(token), KDTUNE_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1")
-    c = Cluster(root, env=env)
+    return Cluster(root, env=env, cpus=cpus)
+
+
+def start_head(c: Cluster) -> None:
+    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
+    c.gcs, c.dashboard = f"{HOST}:{gcs}", f"http://{HOST}:{dash}"
+    c.start("head", ["--head", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-host={HOST}",
+                     f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                     f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                     f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"])
+    wait_for_nodes(c, 1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = new_cluster()
+    root = c.root
     try:
-        gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
-        c.gcs, c.dashboard = f"{HOST}:{gcs}", f"http://{HOST}:{dash}"
-        c.start("head", ["--head", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-host={HOST}",
-                         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"])
-        wait_for_nodes(c, 1)
+        start_head(c)
         agent_http, agent_grpc, runtime_env, metrics = free_ports(4)
         c.start("worker", [f"--address={c.gcs}", f"--dashboard-agent-listen-port={agent_http}",
                            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",

@@ -1,0 +1,414 @@
+"""The driver's cost at cluster scale: kdtune against a hand-written Ray Tune + OptunaSearch sweep.
+
+    python benchmarks/scale.py --data-root DIR [--sizes 100 300 1000] [--slots 16 32] [--out FILE]
+
+One Ray head (`ray start --head --num-cpus MAX(slots) --block`, its own temp dir, a loopback port,
+token auth with a token of its own, stopped by PID) that both sweeps join with `--address`.
+For each slot count and each N, in one run on the same head: kdtune's CLI
+(`python -m kdtune.sweep ... --address`, tiny trials: MLP students, 512 training images, 1 epoch,
+`confirm_seeds: 0`, no baselines, MLflow in a fresh sqlite file) and the hand-written sweep
+(`python benchmarks/scale.py --hand-written ...`: Tune's Tuner with OptunaSearch (TPE) over the same
+kind of space, a function trainable training the same MLP on the same 512 images and reporting
+each epoch with a checkpoint, `reuse_actors=True`, no MLflow). Each driver runs as a child
+process: its wall time and CPU time (user + system, from `wait4`) are measured. The slopes are the
+driver CPU per added trial between the sizes, so start-up (imports, teacher, report) cancels out.
+The trial actors' resident memory is sampled from /proc while the sweeps run.
+
+With `--resume-check N`, a kdtune sweep of N trials at the largest slot count is SIGKILLed when
+about half its trials have finished, resumed with `--resume`, and its MLflow runs and Optuna study
+are checked: every trial one FINISHED child run with its per-epoch metrics, none RUNNING, no
+duplicate, nothing that finished before the kill trained again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+TRAIN, VAL, EPOCHS, BATCH = 512, 500, 1, 64
+TARGETS = {"slope_ratio_16_max": 2.0, "slope_ratio_large_300_1000_max": 2.0, "flat_max": 1.25}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", required=True, help="MNIST goes to DIR/MNIST/raw (from kdtune's bundled copy)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--slots", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--resume-check", type=int, default=0, metavar="N",
+                        help="also SIGKILL a kdtune sweep of N trials at the largest slot count half way, then --resume")
+    parser.add_argument("--out", default="benchmarks/scale.json")
+    parser.add_argument("--plot", default="docs/scale.png")
+    parser.add_argument("--hand-written", action="store_true", help=argparse.SUPPRESS)  # the child: one sweep
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrent", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--storage", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ---- the hand-written sweep (runs as its own driver process) ----
+
+def hand_written(args) -> None:
+    """What a user writes with Tune and Optuna alone: no tracking, a checkpoint per epoch."""
+    import optuna
+    import ray
+    import torch
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from kdtune.data.resolve import load_splits
+    from kdtune.loading import validate
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    splits = load_splits(validate(kdtune_spec(args.data_root, args.n, args.concurrent)).data, 0)
+
+    def train(config, data):
+        x, y, vx, vy = data
+        torch.set_num_threads(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), config["width"]), torch.nn.ReLU(),
+                                    torch.nn.Linear(config["width"], 10))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+        for epoch in range(EPOCHS):
+            for start in range(0, len(x), BATCH):
+                loss = torch.nn.functional.cross_entropy(model(x[start:start + BATCH]), y[start:start + BATCH])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                accuracy = (model(vx).argmax(1) == vy).float().mean().item()
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(folder) / "state.pt")
+                tune.report({"val_acc": accuracy, "epoch": epoch + 1}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    def space(trial):
+        trial.suggest_categorical("width", [16, 32, 64])
+        trial.suggest_float("lr", 0.01, 0.05, log=True)
+
+    ray.init(address=args.address, log_to_driver=False)
+    data = (splits.train_x, splits.train_y, splits.val_x, splits.val_y)
+    searcher = OptunaSearch(space=space, metric="val_acc", mode="max", sampler=optuna.samplers.TPESampler(seed=0))
+    tuner = tune.Tuner(tune.with_resources(tune.with_parameters(train, data=data), {"cpu": 1}),
+                       tune_config=tune.TuneConfig(search_alg=searcher, num_samples=args.n,
+                                                   max_concurrent_trials=args.concurrent, reuse_actors=True),
+                       run_config=tune.RunConfig(name="hand", storage_path=args.storage, verbose=0))
+    grid = tuner.fit()
+    assert len(grid) == args.n and not grid.errors, (len(grid), grid.errors)
+
+
+# ---- the kdtune sweep ----
+
+def kdtune_spec(data_root: str, n: int, slots: int) -> dict:
+    return {"name": "scale", "seed": 0,
+            "data": {"dataset": "mnist", "root": data_root, "val_size": VAL, "train_limit": TRAIN, "test_limit": VAL},
+            "teacher": {"arch": "mlp", "epochs": 1, "batch_size": 256},
+            "student": {"arch": "mlp"},
+            "train": {"epochs": EPOCHS, "batch_size": BATCH, "checkpoint_every": 1},
+            "search": {"space": {"width": {"choice": [16, 32, 64]}, "train.lr": {"loguniform": [0.01, 0.05]},
+                                 "loss": {"none": {}, "kd": {}}},
+                       "num_samples": n, "max_concurrent": slots, "baselines": False, "confirm_seeds": 0},
+            "resources": {"cpu": 1, "gpu": 0}}
+
+
+# ---- measuring ----
+
+class ActorMemory:
+    """Peak resident memory of the Tune trial actors (`ray::...` processes), sampled from /proc."""
+
+    def __init__(self):
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self):
+        while not self._stop.wait(1.0):
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    if not re.match(rb"ray::(ImplicitFunc|train|trainable)", cmdline):
+                        continue
+                    status = Path(f"/proc/{entry}/status").read_text()
+                except OSError:
+                    continue
+                rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) // 1024
+                self.peak[int(entry)] = max(self.peak.get(int(entry), 0), rss)
+
+    def summary(self) -> dict:
+        values = sorted(self.peak.values())
+        return {"actors": len(values), "median_mib": values[len(values) // 2] if values else None,
+                "max_mib": values[-1] if values else None}
+
+
+def timed(command: list[str], env: dict, cwd: Path, log: Path, watch=None) -> dict:
+    """Run a driver to its end; its wall time and CPU time (with any children it waited for)."""
+    started = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE if watch else out,
+                                stderr=subprocess.STDOUT, text=True)
+        if watch:
+            watch(proc, out)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
+    return {"wall_s": round(time.time() - started, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "rc": proc.returncode, "bottleneck_warnings": text.count("may be a performance bottleneck"),
+            "locked": text.count("database is locked")}
+
+
+def kdtune_command(folder: Path, address: str, spec_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kdtune.sweep", str(spec_path), "--address", address, "--results-dir",
+            str(folder / "results"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", "--storage",
+            str(folder / "storage"), *extra]
+
+
+def run_kdtune(folder: Path, env: dict, address: str, data_root: str, n: int, slots: int) -> dict:
+    folder.mkdir(parents=True)
+    spec_path = folder / "spec.json"
+    spec_path.write_text(json.dumps(kdtune_spec(data_root, n, slots)))
+    result = timed(kdtune_command(folder, address, spec_path), env, folder, folder / "driver.log")
+    result.update(check_runs(folder, n))
+    return result
+
+
+def run_hand_written(folder: Path, env: dict, address: str, data_root: str, n: int, slots: int) -> dict:
+    folder.mkdir(parents=True)
+    command = [sys.executable, __file__, "--hand-written", "--data-root", data_root, "--n", str(n), "--concurrent",
+               str(slots), "--address", address, "--storage", str(folder / "storage")]
+    return timed(command, env, folder, folder / "driver.log")
+
+
+def check_runs(folder: Path, n: int, finished_before: dict | None = None) -> dict:
+    """What MLflow and the Optuna study hold after a kdtune sweep of n trials."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("scale")
+    runs = client.search_runs([experiment.experiment_id], max_results=50000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    trial_ids = [r.data.tags.get("kdtune.trial_id") for r in children]
+    complete = [r for r in children if r.info.status == "FINISHED" and r.data.tags.get("kdtune.status") == "FINISHED"
+                and sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(1, EPOCHS + 1))]
+    summary = json.loads((folder / "results" / "scale" / "summary.json").read_text())["optuna"]
+    study = optuna.load_study(study_name=summary["study_name"], storage=summary["storage"])
+    states = [t.state.name for t in study.trials]
+    checked = {"child_runs": len(children), "complete_runs": len(complete), "duplicate_trial_ids": len(trial_ids) - len(set(trial_ids)),
+               "running": sum(r.info.status == "RUNNING" for r in runs),
+               "optuna_complete": states.count("COMPLETE"), "optuna_other": len(states) - states.count("COMPLETE")}
+    if finished_before is not None:
+        by_id = {r.info.run_id: r for r in children}
+        checked["finished_before_kill"] = len(finished_before)
+        checked["finished_before_kill_rerun"] = sum(
+            1 for run_id in finished_before if run_id not in by_id or by_id[run_id].data.tags.get("kdtune.starts") != "1"
+            or len(client.get_metric_history(run_id, "val_acc")) != EPOCHS)
+    checked["all_ok"] = (len(children) == len(complete) == n and checked["duplicate_trial_ids"] == 0
+                         and checked["running"] == 0 and checked.get("finished_before_kill_rerun", 0) == 0)
+    return checked
+
+
+def resume_check(folder: Path, env: dict, address: str, data_root: str, n: int, slots: int) -> dict:
+    """SIGKILL the driver when about half the trials finished, then --resume."""
+    from mlflow.tracking import MlflowClient
+
+    folder.mkdir(parents=True)
+    spec_path = folder / "spec.json"
+    spec_path.write_text(json.dumps(kdtune_spec(data_root, n, slots)))
+
+    def kill_half_way(proc, out):
+        for line in proc.stdout:
+            out.write(line)
+            if line.startswith(f"[{n // 2}/"):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+
+    first = timed(kdtune_command(folder, address, spec_path), env, folder, folder / "killed.log", kill_half_way)
+    time.sleep(10)  # the killed job's trial actors end
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("scale")
+    finished = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=50000)
+                if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
+    second = timed(kdtune_command(folder, address, spec_path, "--resume"), env, folder, folder / "resumed.log")
+    recovered = re.search(r"(\d+) trial\(s\) that ended after Tune's last snapshot", (folder / "resumed.log").read_text())
+    return {"killed": first, "resumed": second, "recovered_from_mlflow": int(recovered.group(1)) if recovered else 0,
+            **check_runs(folder, n, finished)}
+
+
+# ---- the Ray head ----
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def start_head(root: Path, cpus: int, env: dict) -> tuple[subprocess.Popen, str]:
+    gcs, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
+    log = open(root / "head.log", "w")
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
+                             f"--node-ip-address={HOST}", f"--port={gcs}", f"--temp-dir={root / 'ray'}",
+                             "--include-dashboard=false", f"--ray-client-server-port={client}",
+                             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"],
+                            env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    address = f"{HOST}:{gcs}"
+    probe = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(ray.cluster_resources()['CPU'])"
+    for _ in range(60):
+        done = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                              text=True)
+        if done.returncode == 0:
+            return proc, address
+        time.sleep(2)
+    raise RuntimeError(f"the Ray head did not start:\n{(root / 'head.log').read_text()[-3000:]}")
+
+
+def stop_head(proc: subprocess.Popen, root: Path) -> None:
+    """Kill the head's process group and every process left that runs from its temp dir, by PID."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if str(root).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+    proc.wait(timeout=60)
+
+
+# ---- the table ----
+
+def slopes(rows: list[dict], tool: str, slots: int, sizes: list[int]) -> dict:
+    cpu = {r["n"]: r["cpu_s"] for r in rows if r["tool"] == tool and r["slots"] == slots}
+    return {f"{a}-{b}": round((cpu[b] - cpu[a]) / (b - a) * 1000, 1) for a, b in zip(sizes, sizes[1:])
+            if a in cpu and b in cpu}
+
+
+def table(rows: list[dict], sizes: list[int], slot_counts: list[int]) -> tuple[str, dict]:
+    lines = ["| slots | N | kdtune wall s | kdtune driver CPU s | hand-written wall s | hand-written driver CPU s |",
+             "|---|---|---|---|---|---|"]
+    for slots in slot_counts:
+        for n in sizes:
+            k = next((r for r in rows if (r["tool"], r["slots"], r["n"]) == ("kdtune", slots, n)), None)
+            h = next((r for r in rows if (r["tool"], r["slots"], r["n"]) == ("hand-written", slots, n)), None)
+            if k and h:
+                lines.append(f"| {slots} | {n} | {k['wall_s']} | {k['cpu_s']} | {h['wall_s']} | {h['cpu_s']} |")
+    found = {}
+    lines += ["", "| slots | sizes | kdtune ms CPU per added trial | hand-written | ratio |", "|---|---|---|---|---|"]
+    for slots in slot_counts:
+        ours, theirs = slopes(rows, "kdtune", slots, sizes), slopes(rows, "hand-written", slots, sizes)
+        for span in ours:
+            ratio = round(ours[span] / theirs[span], 2) if theirs.get(span) else None
+            found[f"{slots}:{span}"] = {"kdtune_ms": ours[span], "hand_written_ms": theirs.get(span), "ratio": ratio}
+            lines.append(f"| {slots} | {span.replace('-', ' to ')} | {ours[span]} | {theirs.get(span)} | {ratio} |")
+    return "\n".join(lines), found
+
+
+def plot(rows: list[dict], path: Path, slot_counts: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for slots, style in zip(slot_counts, ("-", "--", ":")):
+        for tool, color in (("kdtune", "tab:blue"), ("hand-written", "tab:orange")):
+            points = sorted((r["n"], r["cpu_s"], r["wall_s"]) for r in rows if r["tool"] == tool and r["slots"] == slots)
+            if points:
+                n, cpu, wall = zip(*points)
+                axes[0].plot(n, cpu, style, marker="o", color=color, label=f"{tool}, {slots} slots")
+                axes[1].plot(n, wall, style, marker="o", color=color, label=f"{tool}, {slots} slots")
+    for ax, title in zip(axes, ("driver CPU (s)", "wall time (s)")):
+        ax.set_xlabel("trials")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Sweep driver cost against the number of tiny trials (MLP, 512 images, 1 epoch)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 ** 2
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "python": platform.python_version(),
+            "load_at_start": os.getloadavg()}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.hand_written:
+        hand_written(args)
+        return
+    from kdtune.data.mnist import unpack_bundled
+
+    unpack_bundled(args.data_root)
+    root = Path(tempfile.mkdtemp(prefix="kdscale-", dir="/tmp"))
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_TOKEN_PATH=str(token), KDTUNE_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    report = {"machine": machine(), "targets": TARGETS, "rows": []}
+    out = Path(args.out)
+    head, address = start_head(root, max(args.slots), env)
+    try:
+        with ActorMemory() as memory:
+            for slots in args.slots:
+                for n in args.sizes:
+                    for tool, runner in (("hand-written", run_hand_written), ("kdtune", run_kdtune)):
+                        row = {"tool": tool, "slots": slots, "n": n,
+                               **runner(root / f"{tool}-{slots}-{n}", env, address, args.data_root, n, slots)}
+                        report["rows"].append(row)
+                        print(json.dumps(row), flush=True)
+                        out.write_text(json.dumps(report, indent=2))
+            if args.resume_check:
+                report["resume_check"] = resume_check(root / "resume", env, address, args.data_root, args.resume_check,
+                                                      max(args.slots))
+                print(json.dumps(report["resume_check"]), flush=True)
+        report["actor_memory"] = memory.summary()
+    finally:
+        stop_head(head, root)
+    report["table"], report["slopes"] = table(report["rows"], args.sizes, args.slots)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report["rows"], Path(args.plot), args.slots)
+    print(report["table"])
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
