@@ -2,8 +2,9 @@
 
     python benchmarks/scale.py --data-root DIR [--sizes 100 300 1000] [--slots 16 32] [--out FILE]
 
-One Ray head (`ray start --head --num-cpus MAX(slots) --block`, its own temp dir, a loopback port,
-token auth with a token of its own, stopped by PID) that both sweeps join with `--address`.
+One Ray head (`ray start --head --num-cpus MAX(slots) --block`, its own temp dir, loopback ports,
+a token of its own, stopped by PID: the helpers of tests/test_cluster.py, so pytest is needed) that
+both sweeps join with `--address`.
 For each slot count and each N, in one run on the same head: kdtune's CLI
 (`python -m kdtune.sweep ... --address`, tiny trials: MLP students, 512 training images, 1 epoch,
 `confirm_seeds: 0`, no baselines, MLflow in a fresh sqlite file) and the hand-written sweep
@@ -26,10 +27,8 @@ import json
 import os
 import platform
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,8 +37,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
 TRAIN, VAL, EPOCHS, BATCH = 512, 500, 1, 64
+WORKER_GIB = 0.6  # a kdtune trial actor's proportional set size, measured: torch, Ray, MLflow and kdtune imported
 TARGETS = {"slope_ratio_16_max": 2.0, "slope_ratio_large_300_1000_max": 2.0, "flat_max": 1.25}
 
 
@@ -113,8 +112,9 @@ def hand_written(args) -> None:
 
 def kdtune_spec(data_root: str, n: int, slots: int) -> dict:
     return {"name": "scale", "seed": 0,
-            "data": {"dataset": "mnist", "root": data_root, "val_size": VAL, "train_limit": TRAIN, "test_limit": VAL},
-            "teacher": {"arch": "mlp", "epochs": 1, "batch_size": 256},
+            "data": {"dataset": "mnist", "root": data_root, "val_size": VAL, "train_limit": TRAIN + VAL,
+                     "test_limit": VAL},
+            "teacher": {"arch": "mlp", "epochs": 2, "batch_size": 64},
             "student": {"arch": "mlp"},
             "train": {"epochs": EPOCHS, "batch_size": BATCH, "checkpoint_every": 1},
             "search": {"space": {"width": {"choice": [16, 32, 64]}, "train.lr": {"loguniform": [0.01, 0.05]},
@@ -126,7 +126,8 @@ def kdtune_spec(data_root: str, n: int, slots: int) -> dict:
 # ---- measuring ----
 
 class ActorMemory:
-    """Peak resident memory of the Tune trial actors (`ray::...` processes), sampled from /proc."""
+    """Peak memory of each Tune trial actor (`ray::...` processes), sampled from /proc: its proportional
+    set size (its own pages plus its share of those it shares, such as torch's libraries)."""
 
     def __init__(self):
         self.peak: dict[int, int] = {}
@@ -150,11 +151,11 @@ class ActorMemory:
                     cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
                     if not re.match(rb"ray::(ImplicitFunc|train|trainable)", cmdline):
                         continue
-                    status = Path(f"/proc/{entry}/status").read_text()
+                    rollup = Path(f"/proc/{entry}/smaps_rollup").read_text()
                 except OSError:
                     continue
-                rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) // 1024
-                self.peak[int(entry)] = max(self.peak.get(int(entry), 0), rss)
+                pss = int(re.search(r"Pss:\s+(\d+)", rollup).group(1)) // 1024
+                self.peak[int(entry)] = max(self.peak.get(int(entry), 0), pss)
 
     def summary(self) -> dict:
         values = sorted(self.peak.values())
@@ -197,7 +198,7 @@ def run_hand_written(folder: Path, env: dict, address: str, data_root: str, n: i
     folder.mkdir(parents=True)
     command = [sys.executable, __file__, "--hand-written", "--data-root", data_root, "--n", str(n), "--concurrent",
                str(slots), "--address", address, "--storage", str(folder / "storage")]
-    return timed(command, env, folder, folder / "driver.log")
+    return timed(command, {**env, "RAY_AUTH_MODE": "token"}, folder, folder / "driver.log")  # kdtune sets it itself
 
 
 def check_runs(folder: Path, n: int, finished_before: dict | None = None) -> dict:
@@ -256,57 +257,6 @@ def resume_check(folder: Path, env: dict, address: str, data_root: str, n: int, 
             **check_runs(folder, n, finished)}
 
 
-# ---- the Ray head ----
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def start_head(root: Path, cpus: int, env: dict) -> tuple[subprocess.Popen, str]:
-    gcs, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
-    log = open(root / "head.log", "w")
-    proc = subprocess.Popen(["ray", "start", "--head", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
-                             f"--node-ip-address={HOST}", f"--port={gcs}", f"--temp-dir={root / 'ray'}",
-                             "--include-dashboard=false", f"--ray-client-server-port={client}",
-                             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"],
-                            env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    log.close()
-    address = f"{HOST}:{gcs}"
-    probe = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(ray.cluster_resources()['CPU'])"
-    for _ in range(60):
-        done = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
-                              text=True)
-        if done.returncode == 0:
-            return proc, address
-        time.sleep(2)
-    raise RuntimeError(f"the Ray head did not start:\n{(root / 'head.log').read_text()[-3000:]}")
-
-
-def stop_head(proc: subprocess.Popen, root: Path) -> None:
-    """Kill the head's process group and every process left that runs from its temp dir, by PID."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if str(root).encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    os.kill(int(entry), signal.SIGKILL)
-            except OSError:
-                pass
-    proc.wait(timeout=60)
-
-
 # ---- the table ----
 
 def slopes(rows: list[dict], tool: str, slots: int, sizes: list[int]) -> dict:
@@ -360,6 +310,21 @@ def plot(rows: list[dict], path: Path, slot_counts: list[int]) -> None:
     fig.savefig(path, dpi=100)
 
 
+def available_gib() -> float:
+    return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 1024 ** 2
+
+
+def wait_for_memory(slots: int, timeout_s: float = 900) -> bool:
+    """Whether `slots` trial actors fit in the memory available now (other jobs share this machine):
+    waits up to `timeout_s` for it, rather than start enough actors to make the kernel kill processes."""
+    deadline = time.time() + timeout_s
+    while available_gib() < slots * WORKER_GIB + 2:
+        if time.time() > deadline:
+            return False
+        time.sleep(10)
+    return True
+
+
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -375,20 +340,23 @@ def main(argv=None) -> None:
         return
     from kdtune.data.mnist import unpack_bundled
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_cluster import new_cluster, start_head  # the cluster tests' head: own temp dir, token, ports
+
     unpack_bundled(args.data_root)
-    root = Path(tempfile.mkdtemp(prefix="kdscale-", dir="/tmp"))
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    env.update(RAY_AUTH_TOKEN_PATH=str(token), KDTUNE_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    cluster = new_cluster(cpus=max(args.slots))
+    root = cluster.root
+    env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     report = {"machine": machine(), "targets": TARGETS, "rows": []}
     out = Path(args.out)
-    head, address = start_head(root, max(args.slots), env)
     try:
+        start_head(cluster)
+        address = cluster.gcs
         with ActorMemory() as memory:
             for slots in args.slots:
+                if not wait_for_memory(slots):
+                    report.setdefault("skipped", []).append(f"{slots} slots: {available_gib():.1f} GiB available")
+                    continue
                 for n in args.sizes:
                     for tool, runner in (("hand-written", run_hand_written), ("kdtune", run_kdtune)):
                         row = {"tool": tool, "slots": slots, "n": n,
@@ -402,7 +370,7 @@ def main(argv=None) -> None:
                 print(json.dumps(report["resume_check"]), flush=True)
         report["actor_memory"] = memory.summary()
     finally:
-        stop_head(head, root)
+        cluster.stop()
     report["table"], report["slopes"] = table(report["rows"], args.sizes, args.slots)
     out.write_text(json.dumps(report, indent=2))
     plot(report["rows"], Path(args.plot), args.slots)
