@@ -47,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", required=True, help="MNIST goes to DIR/MNIST/raw (from kdtune's bundled copy)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--slots", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--runs", nargs="+", metavar="SLOTS:N",
+                        help="only these (slots, N) pairs, in this order (default: every pair of --slots and --sizes)")
+    parser.add_argument("--previous", help="a scale.json of an earlier run whose rows join this run's table")
     parser.add_argument("--resume-check", type=int, default=0, metavar="N",
                         help="also SIGKILL a kdtune sweep of N trials at the largest slot count half way, then --resume")
     parser.add_argument("--out", default="benchmarks/scale.json")
@@ -61,11 +64,39 @@ def parse_args(argv=None):
 
 # ---- the hand-written sweep (runs as its own driver process) ----
 
+def train_mlp(config: dict, data: tuple) -> None:
+    """The hand-written trainable: the MLP on the training images, a report and checkpoint per epoch."""
+    import torch
+    from ray import tune
+
+    x, y, vx, vy = data
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), config["width"]), torch.nn.ReLU(),
+                                torch.nn.Linear(config["width"], 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    for epoch in range(EPOCHS):
+        for start in range(0, len(x), BATCH):
+            loss = torch.nn.functional.cross_entropy(model(x[start:start + BATCH]), y[start:start + BATCH])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            accuracy = (model(vx).argmax(1) == vy).float().mean().item()
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(folder) / "state.pt")
+            tune.report({"val_acc": accuracy, "epoch": epoch + 1}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def mlp_space(trial) -> None:
+    """The hand-written define-by-run space (module level: Tune pickles the searcher)."""
+    trial.suggest_categorical("width", [16, 32, 64])
+    trial.suggest_float("lr", 0.01, 0.05, log=True)
+
+
 def hand_written(args) -> None:
     """What a user writes with Tune and Optuna alone: no tracking, a checkpoint per epoch."""
     import optuna
     import ray
-    import torch
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -74,33 +105,10 @@ def hand_written(args) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     splits = load_splits(validate(kdtune_spec(args.data_root, args.n, args.concurrent)).data, 0)
-
-    def train(config, data):
-        x, y, vx, vy = data
-        torch.set_num_threads(1)
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), config["width"]), torch.nn.ReLU(),
-                                    torch.nn.Linear(config["width"], 10))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
-        for epoch in range(EPOCHS):
-            for start in range(0, len(x), BATCH):
-                loss = torch.nn.functional.cross_entropy(model(x[start:start + BATCH]), y[start:start + BATCH])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                accuracy = (model(vx).argmax(1) == vy).float().mean().item()
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(folder) / "state.pt")
-                tune.report({"val_acc": accuracy, "epoch": epoch + 1}, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    def space(trial):
-        trial.suggest_categorical("width", [16, 32, 64])
-        trial.suggest_float("lr", 0.01, 0.05, log=True)
-
     ray.init(address=args.address, log_to_driver=False)
     data = (splits.train_x, splits.train_y, splits.val_x, splits.val_y)
-    searcher = OptunaSearch(space=space, metric="val_acc", mode="max", sampler=optuna.samplers.TPESampler(seed=0))
-    tuner = tune.Tuner(tune.with_resources(tune.with_parameters(train, data=data), {"cpu": 1}),
+    searcher = OptunaSearch(space=mlp_space, metric="val_acc", mode="max", sampler=optuna.samplers.TPESampler(seed=0))
+    tuner = tune.Tuner(tune.with_resources(tune.with_parameters(train_mlp, data=data), {"cpu": 1}),
                        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=args.n,
                                                    max_concurrent_trials=args.concurrent, reuse_actors=True),
                        run_config=tune.RunConfig(name="hand", storage_path=args.storage, verbose=0))
@@ -348,22 +356,27 @@ def main(argv=None) -> None:
     root = cluster.root
     env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     report = {"machine": machine(), "targets": TARGETS, "rows": []}
+    if args.previous:  # its rows keep their own head and machine state: "previous_run" says which
+        earlier = json.loads(Path(args.previous).read_text())
+        report["previous_run"] = {"machine": earlier["machine"], "actor_memory": earlier.get("actor_memory")}
+        report["rows"] = [{**row, "previous_run": True} for row in earlier["rows"]]
+    pairs = [tuple(map(int, pair.split(":"))) for pair in args.runs] if args.runs else [
+        (slots, n) for slots in args.slots for n in args.sizes]
     out = Path(args.out)
     try:
         start_head(cluster)
         address = cluster.gcs
         with ActorMemory() as memory:
-            for slots in args.slots:
+            for slots, n in pairs:
                 if not wait_for_memory(slots):
-                    report.setdefault("skipped", []).append(f"{slots} slots: {available_gib():.1f} GiB available")
+                    report.setdefault("skipped", []).append(f"{slots} slots, N {n}: {available_gib():.1f} GiB available")
                     continue
-                for n in args.sizes:
-                    for tool, runner in (("hand-written", run_hand_written), ("kdtune", run_kdtune)):
-                        row = {"tool": tool, "slots": slots, "n": n,
-                               **runner(root / f"{tool}-{slots}-{n}", env, address, args.data_root, n, slots)}
-                        report["rows"].append(row)
-                        print(json.dumps(row), flush=True)
-                        out.write_text(json.dumps(report, indent=2))
+                for tool, runner in (("hand-written", run_hand_written), ("kdtune", run_kdtune)):
+                    row = {"tool": tool, "slots": slots, "n": n,
+                           **runner(root / f"{tool}-{slots}-{n}", env, address, args.data_root, n, slots)}
+                    report["rows"].append(row)
+                    print(json.dumps(row), flush=True)
+                    out.write_text(json.dumps(report, indent=2))
             if args.resume_check:
                 report["resume_check"] = resume_check(root / "resume", env, address, args.data_root, args.resume_check,
                                                       max(args.slots))
@@ -371,9 +384,11 @@ def main(argv=None) -> None:
         report["actor_memory"] = memory.summary()
     finally:
         cluster.stop()
-    report["table"], report["slopes"] = table(report["rows"], args.sizes, args.slots)
+    sizes = sorted({row["n"] for row in report["rows"]})
+    slot_counts = sorted({row["slots"] for row in report["rows"]})
+    report["table"], report["slopes"] = table(report["rows"], sizes, slot_counts)
     out.write_text(json.dumps(report, indent=2))
-    plot(report["rows"], Path(args.plot), args.slots)
+    plot(report["rows"], Path(args.plot), slot_counts)
     print(report["table"])
     shutil.rmtree(root, ignore_errors=True)
 

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from test_server import HOST, MLFLOW, Server, children_of, env, free_port, report_cli, sweep_command
 
-psycopg2 = pytest.importorskip("psycopg2", reason="needs psycopg2 (pip install -e '.[test]')")
+psycopg = pytest.importorskip("psycopg", reason="needs psycopg, SQLAlchemy's PostgreSQL driver (pip install -e '.[test]')")
 BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
 INITDB = shutil.which("initdb") or (BIN and shutil.which("initdb", path=BIN))
 PG_CTL = shutil.which("pg_ctl") or (BIN and shutil.which("pg_ctl", path=BIN))
@@ -56,12 +56,9 @@ def postgres():
     assert started.returncode == 0, started.stdout + started.stderr + (root / "server.log").read_text()
     pid = int((data / "postmaster.pid").read_text().split()[0])
     try:
-        admin = psycopg2.connect(host=HOST, port=port, user=USER, dbname="postgres")
-        admin.autocommit = True
-        with admin.cursor() as cursor:
+        with psycopg.connect(host=HOST, port=port, user=USER, dbname="postgres", autocommit=True) as admin:
             for name in ("mlflow", "optuna"):
-                cursor.execute(f"CREATE DATABASE {name}")
-        admin.close()
+                admin.execute(f"CREATE DATABASE {name}")
         yield f"postgresql://{USER}@{HOST}:{port}/"
     finally:
         os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
@@ -76,6 +73,7 @@ def test_sweep_on_postgresql_backends_and_report_rebuilt_from_them(postgres, tmp
     server = Server(tmp_path, backend=postgres + "mlflow")
     server.start()
     try:
+        MlflowClient(server.uri).search_experiments()  # the server creates its tables on the first request
         extra = ["--set", "name=pg-kd", "--set", "search.num_samples=2", "--set", "search.baselines=false",
                  "--set", "search.confirm_seeds=0", "--set", f"search.optuna_storage={postgres}optuna"]
         done = subprocess.run(sweep_command(tmp_path, server.uri, mnist_root, *extra), cwd=tmp_path,
@@ -88,9 +86,9 @@ def test_sweep_on_postgresql_backends_and_report_rebuilt_from_them(postgres, tmp
         parents, children = children_of(MlflowClient(server.uri), "pg-kd")
         assert len(parents) == 1 and sorted(r.info.run_id for r in children) == sorted(trials["mlflow_run_id"])
         assert not [r for r in children if r.info.status != "FINISHED"]
-        with psycopg2.connect(postgres + "mlflow") as db, db.cursor() as cursor:  # the runs are in PostgreSQL
-            cursor.execute("SELECT run_uuid FROM runs WHERE status = 'FINISHED'")
-            assert set(trials["mlflow_run_id"]) <= {row[0] for row in cursor.fetchall()}
+        with psycopg.connect(postgres + "mlflow") as db:  # the runs are in PostgreSQL
+            finished = {row[0] for row in db.execute("SELECT run_uuid FROM runs WHERE status = 'FINISHED'")}
+        assert set(trials["mlflow_run_id"]) <= finished
         study_name = parents[0].data.tags["kdtune.optuna_study"]
         assert parents[0].data.tags["kdtune.optuna_storage"] == postgres + "optuna"
         study = optuna.load_study(study_name=study_name, storage=postgres + "optuna")
