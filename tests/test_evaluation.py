@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 import kdtune
 from kdtune.data.resolve import load_splits
 from kdtune.deploy import raw_images
+from kdtune import evaluation
 from kdtune.evaluation import loader, score, top1_top5
 from kdtune.models import create_model
 from kdtune.report.runs import load
@@ -197,3 +198,13 @@ def test_run_raises_spec_error_for_a_function_given_that_returns_no_dict(tmp_pat
     with pytest.raises(kdtune.SpecError) as info:
         kdtune.run(spec, evaluate=lambda model, data_loader: None, results_dir=tmp_path / "results", tracking_uri=store)
     assert info.value.path == "evaluate" and "returned a NoneType" in info.value.message
+
+
+def test_an_evaluation_import_path_ships_to_ray_workers_as_models_do_but_kdtune_never(tmp_path, monkeypatch):
+    from kdtune.cluster import user_modules
+
+    (tmp_path / "byo_metrics.py").write_text(textwrap.dedent(FUNCTIONS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert evaluation.resolve("byo_metrics:f1")(None, None) == {"f1": 0.5}  # imported, as the spec key does
+    assert user_modules(["byo_metrics:f1"]) == [str(tmp_path / "byo_metrics.py")]
+    assert user_modules(["kdtune.evaluation:top1_top5"]) == []  # every trial runs kdtune already
