@@ -19,11 +19,12 @@ def _installed(path: Path) -> bool:
 
 def user_modules(import_paths: Iterable[str]) -> list[str]:
     """Local files or package folders of the `package.module:attr` paths that are not installed:
-    the trials on other nodes import them through Ray's runtime_env `py_modules`."""
+    the trials on other nodes import them through Ray's runtime_env `py_modules`. kdtune itself (its
+    built-in `kdtune.evaluation:top1_top5`) is never shipped: every trial runs it already."""
     found = []
     for path in import_paths:
         top = path.split(":", 1)[0].split(".")[0]
-        module = sys.modules.get(top)
+        module = sys.modules.get(top) if top != "kdtune" else None
         origin = getattr(module, "__file__", None)
         if not origin:
             continue

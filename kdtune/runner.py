@@ -17,19 +17,20 @@ from typing import Any, Callable, Optional, Union
 import pandas as pd
 from torch import nn
 
-from kdtune import confirm, results, tracking
+from kdtune import confirm, evaluation, results, tracking
 from kdtune.cluster import init_ray, user_modules
 from kdtune.data.resolve import load_splits
 from kdtune.errors import SpecError, TrackingError
 from kdtune.loading import load_spec
 from kdtune.log import log
 from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
-from kdtune.preflight import check_models
+from kdtune.preflight import OWN_NAMES, check_models, check_objectives
 from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import Spec, spec_to_dict
 from kdtune.teacher import FORWARD_PASSES, get_teacher, teacher_targets
 from kdtune.distill import METHODS
 from kdtune.report import finish
+from kdtune.report.tables import accuracy_metric
 from kdtune.trial import SweepData
 
 SWEEP_STATE = "sweep.json"
@@ -73,9 +74,11 @@ def _object_name(obj) -> str:
     return IN_MEMORY + getattr(obj, "__qualname__", type(obj).__qualname__)
 
 
-def with_objects(spec: Spec, teacher, student, data) -> Spec:
+def with_objects(spec: Spec, teacher, student, data, evaluate=None) -> Spec:
     """The spec with each object given to `run` in place of the key it replaces."""
     overrides = {}
+    if evaluate is not None:
+        overrides["evaluate"] = evaluate if isinstance(evaluate, str) else _object_name(evaluate)
     if teacher is not None:
         overrides["teacher.arch"] = _object_name(teacher)
     if student is not None:
@@ -91,14 +94,18 @@ def with_objects(spec: Spec, teacher, student, data) -> Spec:
     return spec
 
 
-def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> tuple[SweepData, dict]:
-    """Load the splits, get the teacher, check every model on one batch, and compute the
-    teacher's train-set targets (and take its classifier head, if a method reuses it) once for all trials."""
+def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None, evaluate=None) -> tuple[SweepData, dict]:
+    """Import the evaluation function, load the splits, get the teacher, check every model on one
+    batch and the evaluation on a student, and compute the teacher's train-set targets (and take
+    its classifier head, if a method reuses it) once for all trials."""
+    evaluate = evaluation.resolve(spec.evaluate, None if isinstance(evaluate, str) else evaluate)
+    if evaluate is None:
+        check_objectives(spec, OWN_NAMES, evaluated=False)
     splits = load_splits(spec.data, spec.seed, data)
     log(f"data: {spec.data.dataset} train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}, "
         f"input {tuple(splits.in_shape)}, {splits.num_classes} classes")
     teacher_model, info = get_teacher(spec, splits, log, teacher)
-    head = check_models(spec, space, splits, teacher_model, student)
+    head = check_models(spec, space, splits, teacher_model, student, evaluate)
     started = time.time()
     targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, teacher_keys(space))
     info["targets_seconds"] = round(time.time() - started, 1)
@@ -108,7 +115,7 @@ def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> 
         log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}: {', '.join(sorted(targets))}")
     if live:
         log(f"teacher outputs computed live in the trials (teacher.cache: {spec.teacher.cache}): {', '.join(live)}")
-    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head), info
+    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head, evaluate), info
 
 
 def forward_passes(trials: pd.DataFrame) -> dict:
@@ -134,7 +141,7 @@ def _ship_by_value(*objects) -> None:
     from ray import cloudpickle
 
     for obj in objects:
-        if obj is None or isinstance(obj, (tuple, list)):
+        if obj is None or isinstance(obj, (tuple, list, str)):
             continue
         name = getattr(obj, "__module__", None) or type(obj).__module__
         module = sys.modules.get(name)
@@ -143,7 +150,8 @@ def _ship_by_value(*objects) -> None:
 
 
 def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callable, None] = None,
-        student: Optional[Callable] = None, data: Optional[tuple] = None, results_dir: Union[str, Path] = "results",
+        student: Optional[Callable] = None, data: Optional[tuple] = None,
+        evaluate: Union[Callable, str, None] = None, results_dir: Union[str, Path] = "results",
         tracking_uri: Optional[str] = None, smoke: bool = False, address: Optional[str] = None,
         storage: Optional[str] = None, resume: bool = False) -> SweepResult:
     """Run one sweep and return its tables.
@@ -151,11 +159,12 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     `spec` is a YAML path, a mapping or a Spec. `teacher` (a trained module, used as is, or a
     factory), `student` (a factory) and `data` (a `(train, test)` pair of datasets of
     `(image tensor, int label)`) replace the spec's `teacher.arch`, `student.arch` and
-    `data.dataset`. Bad input raises SpecError (or DataError, TeacherError, TrackingError)
-    before Ray starts.
+    `data.dataset`; `evaluate` (a `function(model, data_loader) -> {name: number}`, or its import
+    path) replaces the spec's `evaluate`. Bad input raises SpecError (or DataError, TeacherError,
+    TrackingError) before Ray starts.
     """
     started = time.time()
-    spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data)
+    spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data, evaluate)
     results_dir = str(results_dir)
     out_dir = Path(results_dir) / spec.name
     tracking.use_retries()  # a restarting tracking server costs waiting, not runs
@@ -164,7 +173,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     tracking.use_wal(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
-    data_, teacher_info = prepare(spec, space, teacher, student, data)
+    data_, teacher_info = prepare(spec, space, teacher, student, data, evaluate)
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, spec.name)
     storage = _storage(spec, results_dir, storage)
@@ -175,9 +184,10 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     status, teacher_done, temp_dir, missing = "FAILED", time.time(), None, []
     hint = resume_hint(results_dir)
     try:
-        paths = [spec.teacher.arch, spec.data.dataset] + list(space.student_values("student.arch", spec.student.arch))
+        paths = [spec.teacher.arch, spec.data.dataset, spec.evaluate or ""] + list(
+            space.student_values("student.arch", spec.student.arch))
         temp_dir = init_ray(address or spec.ray.address, user_modules(p for p in paths if IMPORT_PATH.match(p)))
-        _ship_by_value(teacher, student)
+        _ship_by_value(teacher, student, evaluate)
         from kdtune.tuning import SweepContext
 
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study)
@@ -291,8 +301,7 @@ def report(spec, trials, out_dir: Path, summary: dict) -> tuple:
                     "teacher_gap": gap})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
-    metric = next((m for m, _ in objectives(spec) if m != "params"), "val_acc")
-    results.plot_pareto(trials, front, out_dir / "pareto.png", metric)
+    results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)))
     results.write_json(summary, out_dir / "summary.json")
     print(results.terminal_report(front, gain, counts, gap))
     print(f"files in {out_dir}/")

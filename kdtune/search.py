@@ -40,7 +40,8 @@ def _restore(path: str, spec, data, ctx):
 
 
 def _accuracy_objective(spec):
-    return next((o for o in spec.search.objectives if o.metric in ("val_acc", "val_loss")), spec.search.objectives[0])
+    """The objective ASHA stops trials on and the progress lines show: the first validation metric."""
+    return next((o for o in spec.search.objectives if o.metric.startswith("val_")), spec.search.objectives[0])
 
 
 def _baselines(spec, space: SearchSpace) -> list[dict]:
@@ -185,6 +186,7 @@ def tell_recovered(ctx: SweepContext, runs: list, objectives: list[str]) -> int:
 def _row(spec, phase: str, trial_id: str, config: dict, metrics: dict, status: str, reason: str) -> dict:
     plan = resolve(spec, config)
     row = dict(config)
+    row.update({k: metrics[k] for k in results.evaluation_columns(metrics)})  # the `evaluate` function's
     row.update({"trial_id": trial_id, "phase": phase, "loss": plan.method,
                 "student.arch": plan.spec.student.arch, "width": plan.spec.student.width, "student": plan.student,
                 "params": metrics.get("params"), "extra_params": metrics.get("extra_params"),

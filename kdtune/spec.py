@@ -14,6 +14,7 @@ from kdtune.data.base import DATASETS
 from kdtune.models.resolve import IMPORT_PATH, IN_MEMORY, arch_problem
 
 METRICS = ("val_acc", "val_loss", "params", "extra_params")
+EVALUATED = re.compile(r"^val_[A-Za-z0-9_]+$")  # val_<name> of a metric the `evaluate` function returns
 
 
 class Strict(BaseModel):
@@ -25,6 +26,20 @@ def check_arch(value: str) -> str:
     if problem:
         raise ValueError(problem)
     return value
+
+
+def check_metric(value: str) -> str:
+    if value in METRICS or EVALUATED.match(value):
+        return value
+    listed = ", ".join(repr(m) for m in METRICS[:-1]) + f" or {METRICS[-1]!r}"
+    raise ValueError(f"unknown objective metric {value!r}; one of {listed}, or val_<name> of a metric the top-level "
+                     "`evaluate` function returns (never a test metric: choosing on it would leak the test set)")
+
+
+def check_evaluate(value: Optional[str]) -> Optional[str]:
+    if value is None or value.startswith(IN_MEMORY) or IMPORT_PATH.match(value):
+        return value
+    raise ValueError(f"{value!r} is not an import path of the form package.module:function")
 
 
 def check_dataset(value: str) -> str:
@@ -116,8 +131,10 @@ class TrainSpec(Strict):
 
 
 class Objective(Strict):
-    metric: Literal[METRICS]
+    metric: str
     mode: Literal["max", "min"]
+
+    _metric = field_validator("metric")(check_metric)
 
 
 class SchedulerSpec(Strict):
@@ -166,6 +183,9 @@ class Spec(Strict):
     resources: Resources = Field(default_factory=Resources)
     ray: RaySpec = Field(default_factory=RaySpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    evaluate: Optional[str] = None  # `package.module:function(model, data_loader) -> {name: number}`
+
+    _evaluate = field_validator("evaluate")(check_evaluate)
 
 
 def spec_to_dict(spec: Spec) -> dict:

@@ -23,6 +23,7 @@ from kdtune.errors import TrackingError
 DEFAULT_URI = "sqlite:///mlflow.db"
 LOGGED_METRICS = ("epoch", "val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches",
                   "teacher_passes")
+LOGGED_PREFIXES = ("loss_", "val_", "test_")  # loss terms; the `evaluate` function's val_<name> and test_<name>
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
 PHASE_TAG = "kdtune.phase"
@@ -157,7 +158,8 @@ def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:
     step = int(result.get("epoch", 0))
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-               if (k in LOGGED_METRICS or k.startswith("loss_")) and isinstance(v, (int, float)) and not isinstance(v, bool)]
+               if (k in LOGGED_METRICS or k.startswith(LOGGED_PREFIXES)) and isinstance(v, (int, float))
+               and not isinstance(v, bool)]
     tags = [RunTag("kdtune.params", str(int(result["params"])))] if "params" in result else []
     client.log_batch(run_id, metrics=metrics, tags=tags)
 

@@ -20,6 +20,7 @@ from torch import nn
 from kdtune.data import Splits, batches
 from kdtune.data.augment import Augment
 from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.evaluation import loader, score
 from kdtune.models import count_params
 from kdtune.models.features import student_params
 from kdtune.models.resolve import build_model
@@ -50,12 +51,24 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y), loss / len(y)
 
 
+def scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate: Optional[Callable] = None) -> dict[str, float]:
+    """A split's metrics by name: kdtune's accuracy and mean cross-entropy (`acc`, `loss`); with the
+    user's `evaluate` function, its metrics, and kdtune's two first unless it returns `acc` itself
+    (every table reads acc, and a second pass over the split is then not needed)."""
+    found = score(model, loader(x, y), evaluate) if evaluate is not None else {}
+    if "acc" not in found:
+        acc, loss = accuracy(model, x, y)
+        found = {"acc": acc, "loss": loss, **found}
+    return found
+
+
 @dataclass
 class SweepData:
     """What every trial shares, computed once per sweep: the splits and the teacher's cached
     train-set targets, the frozen teacher itself for targets too large to cache, the teacher's
-    frozen classifier head for methods that reuse it (one layer, not the teacher's body), and
-    the student factory given to kdtune.run (for `student.arch: python:...`)."""
+    frozen classifier head for methods that reuse it (one layer, not the teacher's body), the
+    student factory given to kdtune.run (for `student.arch: python:...`) and the user's evaluation
+    function (`evaluate`; None: kdtune's accuracy)."""
 
     splits: Splits
     targets: dict[str, torch.Tensor]
@@ -63,6 +76,7 @@ class SweepData:
     student_factory: Optional[Callable] = field(repr=False, default=None)
     per_view: bool = False  # targets hold every augmented view of each image: N x views x ...
     teacher_head: Optional[nn.Module] = field(repr=False, default=None)
+    evaluate: Optional[Callable] = field(repr=False, default=None)
 
     def __getstate__(self):
         """Tensors travel as numpy arrays: Ray maps those from its object store without a
@@ -81,7 +95,7 @@ class SweepData:
         moved = self.splits.map(lambda t: t.to(device))
         teacher, head = (m.to(device) if m is not None else None for m in (self.teacher, self.teacher_head))
         return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, teacher, self.student_factory,
-                         self.per_view, head)
+                         self.per_view, head, self.evaluate)
 
 
 def build_student(spec, data: SweepData) -> nn.Module:
@@ -191,13 +205,14 @@ def run_trial(plan: TrialPlan, data: SweepData,
                 history[name].append(value.detach())
         losses = {f"loss_{k}": torch.stack(v).mean().item() for k, v in history.items()}
         diverged = not all(math.isfinite(v) for v in losses.values())
-        val_acc, val_loss = (math.nan, math.nan) if diverged else accuracy(student, splits.val_x, splits.val_y)
-        metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, **losses, **fixed,
+        val = {"acc": math.nan, "loss": math.nan} if diverged else scores(student, splits.val_x, splits.val_y, data.evaluate)
+        metrics = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in val.items()}, **losses, **fixed,
                    "epoch_seconds": time.time() - started, "teacher_live_batches": targets.live_batches,
                    "teacher_passes": targets.live_samples / n,
                    "diverged": diverged, "done": diverged or epoch + 1 == epochs}
-        if epoch + 1 == epochs and not diverged:
-            metrics["test_acc"] = accuracy(student, splits.test_x, splits.test_y)[0]
+        if epoch + 1 == epochs and not diverged:  # no test_loss: the tables report test accuracy, not the loss
+            test = scores(student, splits.test_x, splits.test_y, data.evaluate)
+            metrics.update({f"test_{k}": v for k, v in test.items() if k != "loss"})
         checkpoint_now = not diverged and ((epoch + 1) % spec.train.checkpoint_every == 0 or epoch + 1 == epochs)
 
         def get_state(epoch=epoch):
