@@ -4,6 +4,7 @@ pareto.csv, the report rebuilt from MLflow), the built-in top1_top5, and every b
 stopping with exit 2 at its key before Ray starts."""
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -205,6 +206,7 @@ def test_an_evaluation_import_path_ships_to_ray_workers_as_models_do_but_kdtune_
 
     (tmp_path / "byo_metrics.py").write_text(textwrap.dedent(FUNCTIONS))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "byo_metrics", raising=False)  # a bad case before may have imported its own copy
     assert evaluation.resolve("byo_metrics:f1")(None, None) == {"f1": 0.5}  # imported, as the spec key does
     assert user_modules(["byo_metrics:f1"]) == [str(tmp_path / "byo_metrics.py")]
     assert user_modules(["kdtune.evaluation:top1_top5"]) == []  # every trial runs kdtune already
