@@ -388,13 +388,16 @@ def main(argv=None) -> None:
         report["actor_memory"] = memory.summary()
     finally:
         cluster.stop()
+    report["rows_failed"] = [row for row in report["rows"] if row["rc"] != 0]  # their logs stay in the temp dir
+    report["rows"] = [row for row in report["rows"] if row["rc"] == 0]
     sizes = sorted({row["n"] for row in report["rows"]})
     slot_counts = sorted({row["slots"] for row in report["rows"]})
     report["table"], report["slopes"] = table(report["rows"], sizes, slot_counts)
     out.write_text(json.dumps(report, indent=2))
     plot(report["rows"], Path(args.plot), slot_counts)
     print(report["table"])
-    shutil.rmtree(root, ignore_errors=True)
+    if not report["rows_failed"]:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
