@@ -54,6 +54,7 @@ def parse_args(argv=None):
                         help="also SIGKILL a kdtune sweep of N trials at the largest slot count half way, then --resume")
     parser.add_argument("--out", default="benchmarks/scale.json")
     parser.add_argument("--plot", default="docs/scale.png")
+    parser.add_argument("--tools", nargs="+", default=["hand-written", "kdtune"], choices=["hand-written", "kdtune"])
     parser.add_argument("--hand-written", action="store_true", help=argparse.SUPPRESS)  # the child: one sweep
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--concurrent", type=int, help=argparse.SUPPRESS)
@@ -198,7 +199,8 @@ def run_kdtune(folder: Path, env: dict, address: str, data_root: str, n: int, sl
     spec_path = folder / "spec.json"
     spec_path.write_text(json.dumps(kdtune_spec(data_root, n, slots)))
     result = timed(kdtune_command(folder, address, spec_path), env, folder, folder / "driver.log")
-    result.update(check_runs(folder, n))
+    if result["rc"] == 0:
+        result.update(check_runs(folder, n))
     return result
 
 
@@ -372,6 +374,8 @@ def main(argv=None) -> None:
                     report.setdefault("skipped", []).append(f"{slots} slots, N {n}: {available_gib():.1f} GiB available")
                     continue
                 for tool, runner in (("hand-written", run_hand_written), ("kdtune", run_kdtune)):
+                    if tool not in args.tools:
+                        continue
                     row = {"tool": tool, "slots": slots, "n": n,
                            **runner(root / f"{tool}-{slots}-{n}", env, address, args.data_root, n, slots)}
                     report["rows"].append(row)
@@ -384,13 +388,16 @@ def main(argv=None) -> None:
         report["actor_memory"] = memory.summary()
     finally:
         cluster.stop()
+    report["rows_failed"] = [row for row in report["rows"] if row["rc"] != 0]  # their logs stay in the temp dir
+    report["rows"] = [row for row in report["rows"] if row["rc"] == 0]
     sizes = sorted({row["n"] for row in report["rows"]})
     slot_counts = sorted({row["slots"] for row in report["rows"]})
     report["table"], report["slopes"] = table(report["rows"], sizes, slot_counts)
     out.write_text(json.dumps(report, indent=2))
     plot(report["rows"], Path(args.plot), slot_counts)
     print(report["table"])
-    shutil.rmtree(root, ignore_errors=True)
+    if not report["rows_failed"]:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
