@@ -133,7 +133,7 @@ def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:
     step = int(result.get("epoch", 0))
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-               if (k in LOGGED_METRICS or k.startswith("loss_")) and isinstance(v, (int, float)) and not isinstance(v, bool)]
+               if (k in LOGGED_METRICS or k.startswith(("loss_", "val_acc_"))) and isinstance(v, (int, float)) and not isinstance(v, bool)]
     tags = [RunTag("kdtune.params", str(int(result["params"])))] if "params" in result else []
     client.log_batch(run_id, metrics=metrics, tags=tags)
 
