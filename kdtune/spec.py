@@ -43,6 +43,7 @@ class Augment(Strict):
 
 class DataSpec(Strict):
     dataset: str = "mnist"  # a built-in name or an import path `package.module:factory`
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to an import path's factory
     root: str = "data"
     download: bool = False
     val_size: int = Field(5000, ge=1)

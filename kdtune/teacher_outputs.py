@@ -70,11 +70,16 @@ class DiskOutputs:
         return out
 
 
+def index_type(classes: int) -> type:
+    """The narrowest integer type for the top-k class indices."""
+    return np.int16 if classes <= np.iinfo(np.int16).max else np.int32
+
+
 def sizes_mb(shapes: dict[str, tuple[int, ...]], count: int, topk: Optional[int]) -> dict[str, float]:
-    """The disk size of each target for `count` images: fp16, the top-k logits with int32 indices."""
+    """The disk size of each target for `count` images: fp16, the top-k logits with their indices."""
     def one(key, shape):
         if key == TOP_K_KEY and topk is not None and topk < shape[0]:
-            return topk * (2 + 4) + 2
+            return topk * (2 + np.dtype(index_type(shape[0])).itemsize) + 2
         return int(np.prod(shape)) * 2
     return {key: count * one(key, shape) / 2 ** 20 for key, shape in shapes.items()}
 
@@ -90,9 +95,9 @@ def write_outputs(teacher: nn.Module, loader, count: int, shapes: dict[str, tupl
     for key, shape in shapes.items():
         paths = outputs.files(key)
         if outputs.compressed(key):
-            index_type = np.int16 if shape[0] <= np.iinfo(np.int16).max else np.int32
             files[key] = {"values": np.lib.format.open_memmap(paths["values"], "w+", np.float16, (count, topk)),
-                          "indices": np.lib.format.open_memmap(paths["indices"], "w+", index_type, (count, topk)),
+                          "indices": np.lib.format.open_memmap(paths["indices"], "w+", index_type(shape[0]),
+                                                               (count, topk)),
                           "rest": np.lib.format.open_memmap(paths["rest"], "w+", np.float16, (count,))}
         else:
             files[key] = {"values": np.lib.format.open_memmap(paths["values"], "w+", np.float16, (count, *shape))}

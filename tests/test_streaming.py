@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from kdtune.space import parse_space, resolve
 from kdtune.trial import run_trial
 
 TRAIN, TEST, VAL = 600, 200, 100
+REPO = Path(__file__).resolve().parents[1]
 
 
 class DiskDigits(Dataset):
@@ -163,3 +166,33 @@ def test_dataloaders_given_to_kdtune_run(on_disk, tmp_path, teacher_cache):
     run = kdtune.tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.trials["mlflow_run_id"][0])
     assert run.data.metrics["val_acc"] == run.data.metrics["val_acc_a"] and "val_acc_b" in run.data.metrics
     assert run.data.metrics["teacher_live_batches"] == 0
+
+
+def test_imagenet_spec_smoke_on_a_tiny_image_folder(tmp_path, run_cli):
+    """search_spaces/imagenet.yaml end to end with --smoke: PNG class folders and a ResNet-50
+    checkpoint written here, 32-pixel crops to keep it fast."""
+    from PIL import Image
+    from torchvision.models import get_model
+
+    rng = np.random.default_rng(0)
+    for part, count in (("train", 20), ("val", 6)):
+        for c in range(3):
+            folder = tmp_path / "imagenet" / part / f"n0{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):  # each class its own colour, plus noise
+                pixels = np.clip(rng.normal(60 + 70 * c, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(get_model("resnet50", num_classes=3).state_dict(), tmp_path / "resnet50.pt")
+    done = run_cli([REPO / "search_spaces" / "imagenet.yaml", "--smoke", "--set", f"data.root={tmp_path / 'imagenet'}",
+                    "--set", f"teacher.checkpoint={tmp_path / 'resnet50.pt'}", "--set", "data.kwargs.size=32",
+                    "--set", "search.num_samples=2", "--set", "search.baselines=false", "--set", "search.confirm_seeds=0"],
+                   tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "imagenet" / "summary.json").read_text())
+    assert summary["data"]["path"] == "streamed" and summary["data"]["random_transform"] is True
+    assert summary["teacher"]["cache"] == "live" and summary["teacher"]["source"] == "checkpoint"
+    trials = pd.read_csv(tmp_path / "results" / "imagenet" / "trials.csv")
+    assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+    assert set(trials["student.arch"]) <= {"torchvision:resnet18", "torchvision:resnet34"}
+    assert "data: streamed (DataLoaders given)" in done.stdout + done.stderr

@@ -66,7 +66,7 @@ def _user_data(data, given) -> Any:
         return given
     factory = import_object(data.dataset, WHERE)
     try:
-        return factory(root=data.root) if accepts(factory, "root") else factory()
+        return factory(root=data.root, **data.kwargs) if accepts(factory, "root") else factory(**data.kwargs)
     except Exception as exc:
         raise SpecError(WHERE, f"{data.dataset}() raised {type(exc).__name__}: {exc}") from None
 
