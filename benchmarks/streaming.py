@@ -1,7 +1,7 @@
 """Streamed data: a trial's memory against the dataset's size, the streamed epoch against the
 resident one on MNIST, and teacher forwards in trials when its outputs are on disk.
 
-    python benchmarks/streaming.py --data-root DIR [--scratch DIR] [--out FILE]
+    python benchmarks/streaming.py --data-root DIR [--scratch DIR] [--parts a b c] [--out FILE]
 
   a. peak memory (VmHWM) of one KD trial on a dataset of uint8 images in a file on disk, read
      in `__getitem__` (os.pread), at N images and at 10N (float32 size >= 2 GB), each in a fresh
@@ -30,6 +30,7 @@ from torch import nn
 
 import kdtune
 from kdtune.runner import prepare
+from kdtune.teacher import FORWARD_PASSES
 from kdtune.space import parse_space, resolve
 from kdtune.trial import run_trial
 
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", required=True, help="MNIST goes to DIR/MNIST/raw (unpacked from kdtune's copy)")
     parser.add_argument("--scratch", default=None, help="where the large uint8 file is written (default: a temp dir)")
     parser.add_argument("--epochs", type=int, default=3, help="MNIST epochs per path; the median is reported (default 3)")
+    parser.add_argument("--parts", nargs="+", choices="abc", default=list("abc"), help="which measures to run")
     parser.add_argument("--out", default="benchmarks/streaming.json")
     parser.add_argument("--child", nargs=2, metavar=("FILE", "COUNT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -153,6 +155,7 @@ def sweep(args, folder: Path) -> dict:
     from kdtune.models import create_model
 
     torch.manual_seed(0)
+    FORWARD_PASSES.clear()  # the process's count, which (b)'s preparations added to
     result = kdtune.run(spec, teacher=create_model("mnist_cnn", (1, 28, 28), 10).eval(),
                         results_dir=folder / "results", tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     return {"trials": len(result.trials), "forward_passes": result.summary["teacher_forward_passes"],
@@ -170,28 +173,31 @@ def main(argv=None) -> int:
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 torch thread; "
           f"load average at start {load[0]:.2f}")
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_at_start": load[0]}}
-    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
-        results["a_memory"] = a = memory(args, Path(scratch))
-    print(f"[a] one KD trial epoch, streamed, data.workers 0 (uint8 {SHAPE} images read from a file per item):")
-    for key in ("small", "large"):
-        r = a[key]
-        print(f"    {r['images']:>6,} images ({r['float32_mb']:,.0f} MB float32): trial peak {r['trial_peak_mb']:.0f} MB "
-              f"(RSS {r['rss_before_trial_mb']:.0f} MB before it), epoch {r['epoch_seconds']:.1f} s")
-    ok_a = a["growth_mb"] <= TARGETS["memory_growth_mb_max"]
-    print(f"    growth at 10x the data: {a['growth_mb']:+.0f} MB  target <= {TARGETS['memory_growth_mb_max']} MB: "
-          f"{'met' if ok_a else 'MISSED'}")
-    results["b_epochs"] = b = epochs(args)
-    base = b["resident"]["median"]
-    print("[b] MNIST KD epoch (55,000 images, batch 64, mlp-128, teacher logits cached; median of "
-          f"{args.epochs}, validation included):")
-    for name, r in b.items():
-        ratio = r["median"] / base
-        r["over_resident"] = ratio
-        print(f"    {name:>20}: {r['median']:.2f} s ({ratio:.2f}x resident) epochs {', '.join(f'{s:.2f}' for s in r['epoch_seconds'])}")
-    with tempfile.TemporaryDirectory() as folder:
-        results["c_sweep"] = c = sweep(args, Path(folder))
-    print(f"[c] {c['trials']} trials through Ray Tune on streamed MNIST: teacher forward passes {c['forward_passes']} "
-          f"(the driver's, in full-set equivalents); in the trials {c['trial_teacher_passes']:g}")
+    if "a" in args.parts:
+        with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+            results["a_memory"] = a = memory(args, Path(scratch))
+        print(f"[a] one KD trial epoch, streamed, data.workers 0 (uint8 {SHAPE} images read from a file per item):")
+        for key in ("small", "large"):
+            r = a[key]
+            print(f"    {r['images']:>6,} images ({r['float32_mb']:,.0f} MB float32): trial peak {r['trial_peak_mb']:.0f} "
+                  f"MB (RSS {r['rss_before_trial_mb']:.0f} MB before it), epoch {r['epoch_seconds']:.1f} s")
+        ok_a = a["growth_mb"] <= TARGETS["memory_growth_mb_max"]
+        print(f"    growth at 10x the data: {a['growth_mb']:+.0f} MB  target <= {TARGETS['memory_growth_mb_max']} MB: "
+              f"{'met' if ok_a else 'MISSED'}")
+    if "b" in args.parts:
+        results["b_epochs"] = b = epochs(args)
+        base = b["resident"]["median"]
+        print("[b] MNIST KD epoch (55,000 images, batch 64, mlp-128, teacher logits cached; median of "
+              f"{args.epochs}, validation included):")
+        for name, r in b.items():
+            r["over_resident"] = r["median"] / base
+            print(f"    {name:>20}: {r['median']:.2f} s ({r['over_resident']:.2f}x resident) epochs "
+                  f"{', '.join(f'{s:.2f}' for s in r['epoch_seconds'])}")
+    if "c" in args.parts:
+        with tempfile.TemporaryDirectory() as folder:
+            results["c_sweep"] = c = sweep(args, Path(folder))
+        print(f"[c] {c['trials']} trials through Ray Tune on streamed MNIST: teacher forward passes "
+              f"{c['forward_passes']} (the driver's, in full-set equivalents); in the trials {c['trial_teacher_passes']:g}")
     results["targets"] = TARGETS
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"written {args.out}")
