@@ -45,6 +45,22 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH) -> DataLoa
     return DataLoader(TensorDataset(x, y), sampler=slices, batch_size=None)
 
 
+class OnDevice:
+    """A loader whose `(inputs, labels)` batches are moved to the trial's device: a streamed
+    loader yields them on the CPU (pinned on CUDA), and the user's function gets them where the
+    student is, as on the resident path."""
+
+    def __init__(self, data: DataLoader, device):
+        self.data, self.device = data, torch.device(device)
+
+    def __iter__(self):
+        for x, y in self.data:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 def resolve(path: Optional[str], given: Optional[Callable] = None) -> Optional[Callable]:
     """The function the spec's `evaluate` names (`given` for `python:`), checked to take
     `(model, data_loader)`; None without one. A SpecError at `evaluate` says what is wrong."""

@@ -14,10 +14,12 @@ from kdtune.errors import SpecError
 from kdtune.space import parse_space
 from kdtune.spec import Spec, spec_to_dict
 
-# `--smoke`: the same sweep shrunk to minutes on 2 cores, one CPU per trial, so a GPU-cluster
-# spec is checked on a laptop (`--set resources.gpu=...` after it keeps a GPU).
+# `--smoke`: the same sweep shrunk to minutes on 2 cores, one CPU per trial (streamed data read in
+# the trial's own process), so a GPU-cluster spec is checked on a laptop (`--set resources.gpu=...`
+# after it keeps a GPU).
 SMOKE = ["data.train_limit=5000", "data.val_size=1000", "data.test_limit=1000", "teacher.epochs=1",
-         "train.epochs=1", "search.num_samples=4", "search.scheduler=null", "resources.cpu=1", "resources.gpu=0"]
+         "train.epochs=1", "search.num_samples=4", "search.scheduler=null", "resources.cpu=1", "resources.gpu=0",
+         "data.workers=0"]
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -19,7 +20,7 @@ from torch import nn
 
 from kdtune import confirm, evaluation, results, tracking
 from kdtune.cluster import init_ray, user_modules
-from kdtune.data.resolve import load_splits
+from kdtune.data.resolve import load_data
 from kdtune.errors import SpecError, TrackingError
 from kdtune.loading import load_spec
 from kdtune.log import log
@@ -27,7 +28,7 @@ from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
 from kdtune.preflight import OWN_NAMES, check_models, check_objectives
 from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import Spec, spec_to_dict
-from kdtune.teacher import FORWARD_PASSES, get_teacher, teacher_targets
+from kdtune.teacher import FORWARD_PASSES, get_teacher, streamed_targets, teacher_targets
 from kdtune.distill import METHODS
 from kdtune.report import finish
 from kdtune.report.tables import accuracy_metric
@@ -94,28 +95,52 @@ def with_objects(spec: Spec, teacher, student, data, evaluate=None) -> Spec:
     return spec
 
 
-def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None, evaluate=None) -> tuple[SweepData, dict]:
-    """Import the evaluation function, load the splits, get the teacher, check every model on one
-    batch and the evaluation on a student, and compute the teacher's train-set targets (and take
-    its classifier head, if a method reuses it) once for all trials."""
+def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None, evaluate=None,
+            outputs_dir: Optional[Path] = None) -> tuple[SweepData, dict, dict]:
+    """Import the evaluation function, load the data on the path `data.resident` chooses, get the
+    teacher, check every model on one batch and the evaluation on a student, and compute the
+    teacher's train-set targets (and take its classifier head, if a method reuses it) once for all
+    trials: in memory, or for streamed data in files under `outputs_dir` (a new temporary folder if
+    None). Returns (data, teacher facts, data facts)."""
     evaluate = evaluation.resolve(spec.evaluate, None if isinstance(evaluate, str) else evaluate)
     if evaluate is None:
         check_objectives(spec, OWN_NAMES, evaluated=False)
-    splits = load_splits(spec.data, spec.seed, data)
-    log(f"data: {spec.data.dataset} train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}, "
-        f"input {tuple(splits.in_shape)}, {splits.num_classes} classes")
-    teacher_model, info = get_teacher(spec, splits, log, teacher)
+    loaded = load_data(spec.data, spec.seed, data)
+    splits, stream = loaded.splits, loaded.stream
+    shown = (f"train {len(stream.train)}, val {', '.join(f'{k} {len(v)}' for k, v in stream.val.items())}, "
+             f"test {len(stream.test)}") if stream else \
+        f"train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}"
+    log(f"data: {spec.data.dataset} {shown}, input {tuple(splits.in_shape)}, {splits.num_classes} classes")
+    log(f"data: {loaded.path} ({loaded.reason})")
+    data_info = {"path": loaded.path, "reason": loaded.reason,
+                 **({"workers": stream.workers, "random_transform": stream.random} if stream else {})}
+    teacher_model, info = get_teacher(spec, splits, log, teacher, stream)
     head = check_models(spec, space, splits, teacher_model, student, evaluate)
     started = time.time()
-    targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, teacher_keys(space))
+    keys = teacher_keys(space)
+    if stream is None:
+        targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, keys)
+        outputs, why = None, None
+    else:
+        folder = outputs_dir or Path(tempfile.mkdtemp(prefix="kdtune-teacher-outputs-"))
+        outputs, live, mode, why = streamed_targets(spec, teacher_model, splits, stream, keys, folder)
+        targets, per_view = {}, False
     info["targets_seconds"] = round(time.time() - started, 1)
-    info["cache"], info["cached_targets"], info["live_targets"] = mode, sorted(targets), live
-    if targets:
+    cached = sorted(targets) or sorted(outputs.keys if outputs else [])
+    info["cache"], info["cached_targets"], info["live_targets"] = mode, cached, live
+    if why:
+        info["cache_reason"] = why
+    if outputs:
+        info["outputs"] = {"folder": outputs.folder, "topk": outputs.topk}
+    if cached:
         views = f" for each of the {next(iter(targets.values())).shape[1]} augmented views" if per_view else ""
-        log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}: {', '.join(sorted(targets))}")
+        where = f" on disk in {outputs.folder}" if outputs else ""
+        log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}{where}: {', '.join(cached)}")
     if live:
-        log(f"teacher outputs computed live in the trials (teacher.cache: {spec.teacher.cache}): {', '.join(live)}")
-    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head, evaluate), info
+        log(f"teacher outputs computed live in the trials (teacher.cache: {mode}"
+            f"{f'; {why}' if why else ''}): {', '.join(live)}")
+    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head, evaluate, stream,
+                     outputs), info, data_info
 
 
 def forward_passes(trials: pd.DataFrame) -> dict:
@@ -149,8 +174,18 @@ def _ship_by_value(*objects) -> None:
             cloudpickle.register_pickle_by_value(module)
 
 
+def given_datasets(data) -> list:
+    """The datasets given to `run` (a pair, or behind a dict of DataLoaders): streamed trials
+    unpickle them, so their classes ship like the models'."""
+    if isinstance(data, dict):
+        loaders = [v for k, v in data.items() if k != "val"] + list(
+            data["val"].values() if isinstance(data.get("val"), dict) else [data.get("val")])
+        return [getattr(loader, "dataset", None) for loader in loaders]
+    return list(data) if isinstance(data, (tuple, list)) else []
+
+
 def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callable, None] = None,
-        student: Optional[Callable] = None, data: Optional[tuple] = None,
+        student: Optional[Callable] = None, data: Union[tuple, dict, None] = None,
         evaluate: Union[Callable, str, None] = None, results_dir: Union[str, Path] = "results",
         tracking_uri: Optional[str] = None, smoke: bool = False, address: Optional[str] = None,
         storage: Optional[str] = None, resume: bool = False) -> SweepResult:
@@ -158,10 +193,11 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
 
     `spec` is a YAML path, a mapping or a Spec. `teacher` (a trained module, used as is, or a
     factory), `student` (a factory) and `data` (a `(train, test)` pair of datasets of
-    `(image tensor, int label)`) replace the spec's `teacher.arch`, `student.arch` and
-    `data.dataset`; `evaluate` (a `function(model, data_loader) -> {name: number}`, or its import
-    path) replaces the spec's `evaluate`. Bad input raises SpecError (or DataError, TeacherError,
-    TrackingError) before Ray starts.
+    `(image tensor, int label)`, or DataLoaders as `{"train": ..., "test": ..., "val": loader
+    or {name: loader}}`) replace the spec's `teacher.arch`, `student.arch` and `data.dataset`;
+    `evaluate` (a `function(model, data_loader) -> {name: number}`, or its import path) replaces
+    the spec's `evaluate`. Bad input raises SpecError (or DataError, TeacherError, TrackingError)
+    before Ray starts.
     """
     started = time.time()
     spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data, evaluate)
@@ -173,7 +209,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     tracking.use_wal(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
-    data_, teacher_info = prepare(spec, space, teacher, student, data, evaluate)
+    data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate, out_dir / "teacher_outputs")
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, spec.name)
     storage = _storage(spec, results_dir, storage)
@@ -187,7 +223,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         paths = [spec.teacher.arch, spec.data.dataset, spec.evaluate or ""] + list(
             space.student_values("student.arch", spec.student.arch))
         temp_dir = init_ray(address or spec.ray.address, user_modules(p for p in paths if IMPORT_PATH.match(p)))
-        _ship_by_value(teacher, student, evaluate)
+        _ship_by_value(teacher, student, evaluate, *given_datasets(data))
         from kdtune.tuning import SweepContext
 
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study)
@@ -196,7 +232,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         interrupted = interrupted or bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
         trials, front, gain, summary = report(spec, trials, out_dir, {
-            "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
+            "versions": versions(), "spec": spec_dict, "data": data_info, "teacher": teacher_info,
             "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},

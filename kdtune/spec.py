@@ -6,7 +6,7 @@ the CLI can exit 2 before Ray or MLflow start.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -58,6 +58,7 @@ class Augment(Strict):
 
 class DataSpec(Strict):
     dataset: str = "mnist"  # a built-in name or an import path `package.module:factory`
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to an import path's factory
     root: str = "data"
     download: bool = False
     val_size: int = Field(5000, ge=1)
@@ -65,8 +66,20 @@ class DataSpec(Strict):
     test_limit: Optional[int] = Field(None, ge=1)
     num_classes: Optional[int] = Field(None, ge=2)
     augment: Augment = Field(default_factory=Augment)
+    # auto: resident tensors when the training set fits resident_mb and reads the same twice, else streamed
+    resident: Union[Literal["auto"], bool] = "auto"
+    resident_mb: Optional[float] = Field(None, gt=0)  # default: a quarter of the machine's memory
+    workers: int = Field(0, ge=0)  # DataLoader worker processes of a streamed trial
+    prefetch: int = Field(2, ge=1)  # batches each worker loads ahead
 
     _dataset = field_validator("dataset")(check_dataset)
+
+    @field_validator("resident", mode="before")
+    @classmethod
+    def _resident(cls, value):
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"must be auto, true or false (got {value!r})")
 
 
 class Schedule(Strict):
@@ -108,6 +121,7 @@ class TeacherSpec(ModelSpec):
     feature_cache_mb: float = Field(1024, ge=0)
     cache: Literal["auto", "outputs", "augmentations", "live"] = "auto"
     cache_mb: float = Field(4096, ge=0)
+    topk: Optional[int] = Field(None, ge=1)  # streamed data: keep each image's k largest logits on disk
 
 
 class StudentSpec(ModelSpec):

@@ -212,6 +212,11 @@ def pairless():
 
 def bad_items():
     return [(torch.zeros(1, 28, 28), "seven")] * 4, [(torch.zeros(1, 28, 28), 7)] * 4
+
+def loaders_without_labels():
+    from torch.utils.data import DataLoader
+    images = [torch.zeros(1, 28, 28)] * 8
+    return {"train": DataLoader(images, batch_size=4), "test": DataLoader(images, batch_size=4)}
 '''
 
 BAD = {  # id: (--set overrides, key, fragments of the message)
@@ -236,6 +241,11 @@ BAD = {  # id: (--set overrides, key, fragments of the message)
                            ["byo_zoo:pairless() gave a list; expected a (train, test) pair of datasets"]),
     "dataset_items_not_tensor_int": (["data.dataset=byo_zoo:bad_items", "data.val_size=1"], "data.dataset",
                                      ["train[0] is (Tensor, str); each item must be (image tensor, int label)"]),
+    "loader_yields_no_labels": (["data.dataset=byo_zoo:loaders_without_labels"], "data.dataset",
+                                ["the train DataLoader yields Tensor; each batch must be (inputs, labels) tensors"]),
+    "resident_not_auto_or_bool": (["data.resident=sometimes"], "data.resident",
+                                  ["must be auto, true or false (got 'sometimes')"]),
+    "workers_negative": (["data.workers=-1"], "data.workers", ["greater than or equal to 0"]),
 }
 
 
