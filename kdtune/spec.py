@@ -166,6 +166,8 @@ class Spec(Strict):
     resources: Resources = Field(default_factory=Resources)
     ray: RaySpec = Field(default_factory=RaySpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    # what --smoke sets besides kdtune's own shrinking, in this layout (e.g. {train: {epochs: 3}})
+    smoke: Optional[dict[str, Any]] = None
 
 
 def spec_to_dict(spec: Spec) -> dict:
