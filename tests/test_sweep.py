@@ -55,6 +55,9 @@ def test_result_files_and_terminal_tables(smoke):
     assert gap["teacher_test_acc"] == summary["teacher"]["test_acc"]
     assert gap["best_baseline_test_acc"] == pytest.approx(max(
         search[search["loss"] == "none"]["test_acc"].max(), *[row["baseline_test_acc"] for row in summary["kd_gain"]]))
+    experiment = smoke["client"].get_experiment_by_name("mnist-kd").experiment_id  # the UI's model-training page
+    assert (f"runs in the MLflow UI: mlflow ui --backend-store-uri sqlite:///{smoke['out'].parents[1] / 'mlflow.db'}, "
+            f"then http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning") in smoke["stdout"]
     assert "teacher test_acc" in smoke["stdout"]
     assert "Pareto-optimal students" in smoke["stdout"] and "KD gain" in smoke["stdout"]
 
