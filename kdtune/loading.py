@@ -14,9 +14,9 @@ from kdtune.errors import SpecError
 from kdtune.space import parse_space
 from kdtune.spec import Spec, spec_to_dict
 
-# `--smoke`: the same sweep (its families, methods, search and confirmation) shrunk to about a
-# minute on 2 cores, one CPU per trial, so a GPU-cluster spec is checked on a laptop. The shrunk
-# recipes still train: a teacher clearly ahead, students far above chance (README: "First try").
+# `--smoke`: the same sweep (its families, methods, search and confirmation) shrunk for a short
+# run on a few CPU cores, one per trial, so a GPU-cluster spec is checked on a laptop. The shrunk
+# recipes still train: a teacher clearly ahead, students far above chance (README: "Set-up").
 SMOKE_FIXED = {"data.val_size": 1000, "data.test_limit": 1000, "search.scheduler": None,
                "resources.cpu": 1, "resources.gpu": 0}
 SMOKE_TRAIN_LIMIT, SMOKE_BATCH_SIZE, SMOKE_SAMPLES, SMOKE_SEEDS = 12000, 128, 4, 2
@@ -177,7 +177,7 @@ def load_spec(source: str | Path | dict | Spec, overrides: Iterable[str] | Mappi
     """A validated Spec from a YAML file, a mapping or a Spec, with overrides applied.
 
     `overrides` are `key.path=value` strings (as `--set` takes them) or a mapping of key paths
-    to values; they win over `smoke`, which shrinks the sweep to about a minute
+    to values; they win over `smoke`, which shrinks the sweep for a short CPU run
     (smoke_overrides, then the spec's own `smoke:` block). Every failure is a SpecError naming
     the key (and the file).
     """
