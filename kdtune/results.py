@@ -147,7 +147,21 @@ def show(df: pd.DataFrame, columns: list[str]) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-GAP_WARNING = 0.005  # a teacher less than half a point above the students has little to teach
+GAP_WARNING = 0.005  # within half a point of the best baseline student, a teacher has little to teach
+
+
+def gap_warning(teacher_acc: float, best: float) -> str | None:
+    """What the teacher's test accuracy says against the best baseline student's: below it, the
+    teacher cannot teach it; level with it (within GAP_WARNING), little; clearly above, no warning."""
+    gap = teacher_acc - best
+    numbers = f"the teacher ({teacher_acc:.2%}) is {abs(gap) * 100:.2f} points"
+    if gap <= -GAP_WARNING:
+        return (f"{numbers} below the best baseline student ({best:.2%}): it cannot teach it; "
+                "train it longer or give a checkpoint")
+    if gap < GAP_WARNING:
+        return (f"{numbers} {'above' if gap >= 0 else 'below'} the best baseline student ({best:.2%}): level with it "
+                f"(within {GAP_WARNING * 100:.1f} points), it has little to teach, so a 'no clear gain' verdict says little")
+    return None
 
 
 def teacher_gap(trials: pd.DataFrame, front: pd.DataFrame, gain: pd.DataFrame, teacher_acc: float) -> tuple[pd.DataFrame, dict]:
@@ -158,10 +172,7 @@ def teacher_gap(trials: pd.DataFrame, front: pd.DataFrame, gain: pd.DataFrame, t
     if "baseline_test_acc" in gain.columns:
         baselines = pd.concat([baselines, gain["baseline_test_acc"]])
     best = float(baselines.max()) if baselines.notna().any() else None
-    warning = None
-    if best is not None and teacher_acc - best < GAP_WARNING:
-        warning = (f"the teacher ({teacher_acc:.2%}) is less than {GAP_WARNING:.1%} above the best baseline student "
-                   f"({best:.2%}): it has little to teach, so a 'no clear gain' verdict says little")
+    warning = gap_warning(teacher_acc, best) if best is not None else None
     return front, {"teacher_test_acc": teacher_acc, "best_baseline_test_acc": best, "warning": warning}
 
 

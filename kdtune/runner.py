@@ -239,6 +239,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
             "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study}})
         missing += finish.at_sweep_end(spec, spec_dict, trials, front, data_, students, teacher_info["test_acc"],
                                        out_dir, client, uri, parent_id, interrupted)
+        log(f"runs in the MLflow UI: {tracking.ui_link(uri, exp_id)}")
         if interrupted:
             log(f"interrupted: partial results written to {out_dir}/. {hint}")
     except KeyboardInterrupt:  # before or between Tune's own graceful stops: nothing to write yet

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 
 import optuna
@@ -23,6 +24,21 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISa
 def _trainable(spec, data, ctx):
     return tune.with_resources(tune.with_parameters(trainable, data=data, ctx=ctx),
                                {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+TRIAL_ID = re.compile(r"[0-9a-f]{8}")
+
+
+def trial_name(trial) -> str:
+    """kdtune's trial id, of one kind in both phases (terminal, trials.csv, MLflow run names and
+    the `kdtune.trial_id` tag): Tune's own 8-hex id in the search, and a fresh one of the same
+    kind for a grid's trials, which Tune numbers 9444f_00001. Tune keeps it with the trial."""
+    return trial.trial_id if TRIAL_ID.fullmatch(trial.trial_id) else uuid.uuid4().hex[:8]
+
+
+def _tune_config(spec, **kwargs) -> tune.TuneConfig:
+    return tune.TuneConfig(max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
+                           trial_name_creator=trial_name, **kwargs)
 
 
 def _run_config(spec, storage: str, name: str, callback) -> tune.RunConfig:
@@ -89,8 +105,7 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     callback = TrackingCallback(ctx, spec.train.epochs, total, accuracy.metric, accuracy.mode)
     tuner = tune.Tuner(
         _trainable(spec, data, ctx),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                    max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
+        tune_config=_tune_config(spec, search_alg=searcher, scheduler=scheduler, num_samples=total),
         run_config=_run_config(spec, storage, "search", callback))
     return tuner.fit()
 
@@ -104,7 +119,7 @@ def run_confirm(spec, data, ctx: SweepContext, storage: str, points: list[dict],
     callback = TrackingCallback(ctx, spec.train.epochs, len(points), accuracy.metric, accuracy.mode)
     tuner = tune.Tuner(
         _trainable(spec, data, ctx), param_space={"point": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
+        tune_config=_tune_config(spec),
         run_config=_run_config(spec, storage, "confirm", callback))
     return tuner.fit()
 
@@ -130,13 +145,13 @@ def trained(grid) -> dict[str, tuple[dict, "tune.Checkpoint | None"]]:
 
 
 def _path_trial_id(result) -> str | None:
-    """The trial id in the trial's folder name (trainable_<id>_<n>_...): always the trial's own."""
-    match = re.search(r"trainable_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_", str(result.path))
+    """The trial id that starts the trial's folder name (<id>_<n>_...): always the trial's own."""
+    match = re.match(r"([0-9a-f]{8})_", Path(str(result.path)).name)
     return match.group(1) if match else None
 
 
 def _trial_id(result) -> str:
-    return _path_trial_id(result) or (result.metrics or {}).get("trial_id") or str(result.path)
+    return _path_trial_id(result) or (result.metrics or {}).get("trial_name") or str(result.path)
 
 
 def recovered_runs(grid, ctx: SweepContext) -> list:
@@ -159,7 +174,7 @@ def recovered_students(runs: list, folder: str) -> dict[str, tuple[dict, "tune.C
     found = {}
     for run in runs:
         trial_id = run.data.tags[tracking.TRIAL_TAG]
-        trial_folder = next(Path(folder).glob(f"trainable_{trial_id}_*"), None) if Path(folder).is_dir() else None
+        trial_folder = next(Path(folder).glob(f"{trial_id}_*"), None) if Path(folder).is_dir() else None
         found[trial_id] = (recovered_config(run), newest_checkpoint(trial_folder))
     return found
 
@@ -205,7 +220,7 @@ def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[s
     rows = []
     for result in grid:
         metrics, config = result.metrics or {}, _config(result.config)
-        if _path_trial_id(result) and metrics.get("trial_id") not in (None, _path_trial_id(result)):
+        if _path_trial_id(result) and metrics.get("trial_name") not in (None, _path_trial_id(result)):
             metrics = {}  # an error result of a reused actor can carry its previous trial's metrics
         if metrics.get("mlflow_run_id") in ended:
             status, reason = ended[metrics["mlflow_run_id"]]

@@ -200,6 +200,8 @@ class Spec(Strict):
     evaluate: Optional[str] = None  # `package.module:function(model, data_loader) -> {name: number}`
 
     _evaluate = field_validator("evaluate")(check_evaluate)
+    # what --smoke sets besides kdtune's own shrinking, in this layout (e.g. {train: {epochs: 3}})
+    smoke: Optional[dict[str, Any]] = None
 
 
 def spec_to_dict(spec: Spec) -> dict:

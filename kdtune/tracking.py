@@ -74,6 +74,16 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return found.experiment_id if found else client.create_experiment(name)
 
 
+def ui_link(uri: str, exp_id: str) -> str:
+    """Where the MLflow UI shows the experiment's runs. MLflow 3's UI opens every experiment on its
+    GenAI overview unless the page asks for the model-training workflow (`workflowType`); the
+    experiment tag `mlflow.experimentKind` does not change that (MLflow 3.17)."""
+    page = f"/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/") + page
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000{page}"
+
+
 def flatten(mapping: dict, prefix: str = "") -> dict:
     """{'train': {'lr': 1}} -> {'train.lr': 1}, for MLflow params."""
     out = {}

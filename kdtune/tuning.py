@@ -70,7 +70,7 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     plan = resolve(spec, config)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_name()  # kdtune's trial id (search.trial_name)
     checkpoint = tune.get_checkpoint()
     state = load_state(checkpoint, device) if checkpoint else None
     client = tracking.client(ctx.tracking_uri)
@@ -85,7 +85,7 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, get_state) -> None:
-        metrics = {**metrics, "mlflow_run_id": run_id, "node_id": node_id, "trial_id": trial_id}
+        metrics = {**metrics, "mlflow_run_id": run_id, "node_id": node_id, "trial_name": trial_id}  # Tune sets "trial_id" itself
         if run_id and not metrics.get("replayed"):
             log_own_result(client, run_id, metrics, spec.train.epochs)
         if get_state is None:
@@ -233,7 +233,7 @@ class TrackingCallback(tune.Callback):
             return trial.last_result["mlflow_run_id"]
         runs = tracking.guarded(
             "find run", self.client.search_runs, [self.ctx.experiment_id],
-            f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.PARENT_TAG}` = '{self.ctx.parent_run_id}'",
+            f"tags.`{tracking.TRIAL_TAG}` = '{trial}' and tags.`{tracking.PARENT_TAG}` = '{self.ctx.parent_run_id}'",
             default=[])
         return runs[0].info.run_id if runs else None
 
@@ -248,10 +248,10 @@ class TrackingCallback(tune.Callback):
         value = last.get(self.objective)
         if status == "FINISHED" and isinstance(value, (int, float)) and not math.isnan(value):
             if self.best is None or self.sign * value > self.sign * self.best[0]:
-                self.best = (value, trial.trial_id)
+                self.best = (value, str(trial))
         best = f"best {self.objective} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no finished trial yet"
         shown = f"{self.objective} {value:.4f}" if isinstance(value, float) else ""
-        print(f"[{self.done}/{self.total}] {trial.trial_id} {status.lower()} {shown} | {best}", file=self.out, flush=True)
+        print(f"[{self.done}/{self.total}] {trial} {status.lower()} {shown} | {best}", file=self.out, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)

@@ -131,7 +131,8 @@ def test_import_paths_through_the_cli(tmp_path, run_cli):
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env_path]))
     try:
         done = run_cli([REPO / "search_spaces" / "custom.yaml", "--smoke", "--set", "search.confirm_seeds=0",
-                        "--set", "search.num_samples=2", "--set", "teacher.epochs=1"], tmp_path)
+                        "--set", "search.num_samples=2", "--set", "teacher.epochs=1", "--set", "train.epochs=1",
+                        "--set", "data.train_limit=5000"], tmp_path)
     finally:
         os.environ.pop("PYTHONPATH") if env_path is None else os.environ.__setitem__("PYTHONPATH", env_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -22,6 +22,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import LIGHT_SMOKE
+
 RAY = shutil.which("ray")
 pytestmark = pytest.mark.skipif(RAY is None, reason="needs the `ray` CLI (pip install 'ray[default]')")
 
@@ -29,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "search_spaces" / "mnist.yaml"
 HOST = "127.0.0.1"
 # A smaller slice than --smoke (the teacher trains on it first), and two trials at once on two 1-CPU nodes.
-SMALL = ["data.train_limit=2000", "data.val_size=500", "data.test_limit=500", "resources.cpu=1",
+SMALL = [*LIGHT_SMOKE, "data.train_limit=2000", "data.val_size=500", "data.test_limit=500", "resources.cpu=1",
          "search.max_concurrent=2", "search.num_samples=2", "search.baselines=false", "search.confirm_seeds=0"]
 # Trials of ~20 s (7500 steps), far longer than the two nodes' trial actors start apart (5-10 s under
 # load): Tune (reuse_actors) would else move the second trial onto the first node's actor once it is free.

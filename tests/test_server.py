@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC
+from conftest import LIGHT_SMOKE, SPEC
 
 HOST = "127.0.0.1"
 MLFLOW = shutil.which("mlflow")
@@ -80,8 +80,9 @@ def server(tmp_path_factory):
 
 
 def sweep_command(cwd: Path, uri: str, mnist_root: Path, *extra: str) -> list[str]:
+    light = [a for s in LIGHT_SMOKE for a in ("--set", s)]
     return [sys.executable, "-m", "kdtune.sweep", str(SPEC), "--smoke", "--results-dir", str(cwd / "results"),
-            "--tracking-uri", uri, "--set", f"data.root={mnist_root}", *extra]
+            "--tracking-uri", uri, "--set", f"data.root={mnist_root}", *light, *extra]
 
 
 def env(teacher_cache: Path, **more) -> dict:
