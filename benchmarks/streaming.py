@@ -93,7 +93,7 @@ def memory_child(path: str, count: int) -> dict:
                              "search": {"space": {"loss": {"kd": {}}}, "num_samples": 1}},
                             overrides={"teacher.arch": "python:tiny_teacher", "data.dataset": "python:data"})
     with tempfile.TemporaryDirectory() as folder:
-        sweep_data, info, data_info = prepare(spec, parse_space(spec), tiny_teacher(), None, data, Path(folder))
+        sweep_data, info, data_info = prepare(spec, parse_space(spec), tiny_teacher(), None, data, outputs_dir=Path(folder))
         before = status_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak, to the current RSS
         metrics = run_trial(resolve(spec, {"loss": "kd"}), sweep_data, lambda m, s: None)
@@ -138,7 +138,7 @@ def epochs(args) -> dict:
                        ("streamed_workers_2", {"resident": False, "workers": 2})):
         spec = mnist_spec(args, **data)
         with tempfile.TemporaryDirectory() as folder:
-            sweep_data, info, data_info = prepare(spec, parse_space(spec), teacher, None, None, Path(folder))
+            sweep_data, info, data_info = prepare(spec, parse_space(spec), teacher, None, None, outputs_dir=Path(folder))
             reports = []
             run_trial(resolve(spec, {"loss": "kd"}), sweep_data, lambda m, s: reports.append(m))
         seconds = [m["epoch_seconds"] for m in reports]

@@ -95,7 +95,7 @@ def with_objects(spec: Spec, teacher, student, data, evaluate=None) -> Spec:
     return spec
 
 
-def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None, evaluate=None,
+def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None, evaluate=None, *,
             outputs_dir: Optional[Path] = None) -> tuple[SweepData, dict, dict]:
     """Import the evaluation function, load the data on the path `data.resident` chooses, get the
     teacher, check every model on one batch and the evaluation on a student, and compute the
@@ -209,7 +209,8 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     tracking.use_wal(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
-    data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate, out_dir / "teacher_outputs")
+    data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate,
+                                             outputs_dir=out_dir / "teacher_outputs")
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, spec.name)
     storage = _storage(spec, results_dir, storage)

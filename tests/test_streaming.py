@@ -86,7 +86,7 @@ def test_random_transform_runs_every_epoch_and_a_seed_repeats_the_trial(on_disk,
     train, test = DiskDigits(*on_disk[:2], shift=2), DiskDigits(*on_disk[2:])
     spec = make_spec()
     space = parse_space(spec)
-    data, teacher_info, data_info = prepare(spec, space, teacher_net(), None, (train, test), tmp_path)
+    data, teacher_info, data_info = prepare(spec, space, teacher_net(), None, (train, test), outputs_dir=tmp_path)
     assert data_info["path"] == "streamed" and "random transform" in data_info["reason"]
     assert teacher_info["cache"] == "live" and "random transform" in teacher_info["cache_reason"]
     assert data.outputs is None and data.teacher is not None
@@ -108,7 +108,7 @@ def test_disk_outputs_equal_the_live_teacher_and_no_trial_runs_it(on_disk, tmp_p
     train, test = DiskDigits(*on_disk[:2]), DiskDigits(*on_disk[2:])
     teacher = teacher_net()
     spec = make_spec(resident=False)
-    data, info, data_info = prepare(spec, parse_space(spec), teacher, None, (train, test), tmp_path / "full")
+    data, info, data_info = prepare(spec, parse_space(spec), teacher, None, (train, test), outputs_dir=tmp_path / "full")
     assert data_info == {"path": "streamed", "reason": "data.resident: false", "workers": 0, "random_transform": False}
     assert info["cache"] == "outputs" and info["cached_targets"] == ["logits"] and data.teacher is None
     assert list(np.load(tmp_path / "full" / "logits.values.npy", mmap_mode="r").shape) == [TRAIN - VAL, 10]
@@ -124,7 +124,7 @@ def test_disk_outputs_equal_the_live_teacher_and_no_trial_runs_it(on_disk, tmp_p
 
     k = 3
     top, *_ = prepare(kdtune.load_spec(spec, {"teacher.topk": k}), parse_space(spec), teacher, None, (train, test),
-                      tmp_path / "top")
+                      outputs_dir=tmp_path / "top")
     assert top.outputs.topk == k and (tmp_path / "top" / "logits.indices.npy").is_file()
     read = top.outputs.read(["logits"], idx, "cpu")["logits"]
     kept = live.topk(k, dim=1)
