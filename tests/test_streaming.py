@@ -197,4 +197,5 @@ def test_imagenet_spec_smoke_on_a_tiny_image_folder(tmp_path, run_cli):
     trials = pd.read_csv(tmp_path / "results" / "imagenet" / "trials.csv")
     assert len(trials) == 1 and (trials["status"] == "FINISHED").all()
     assert set(trials["student.arch"]) <= {"torchvision:resnet18", "torchvision:resnet34"}
+    assert trials["val_top5"].between(trials["val_acc"], 1).all() and trials["test_top5"].notna().all()  # top1_top5
     assert "data: streamed (DataLoaders given)" in done.stdout + done.stderr
