@@ -257,4 +257,14 @@ class TrackingCallback(tune.Callback):
         self._finish(trial, error=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, error=True, reason=error_summary(trial.get_error()))
+        self._finish(trial, error=True, reason=error_summary(trial_error(trial)))
+
+
+def trial_error(trial) -> str | None:
+    """The trial's error trace: Tune writes it to the trial's local folder at once and copies it to
+    the storage path (where `get_error` reads) with the next sync, which Tune's own snapshot period
+    may not have reached yet when the callback runs."""
+    local = trial.error_file
+    if local and Path(local).is_file():
+        return Path(local).read_text()
+    return trial.get_error()
