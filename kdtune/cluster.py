@@ -59,6 +59,9 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
     # Tune snapshots the experiment on its own adaptive period (TUNE_GLOBAL_CHECKPOINT_S): what a
     # resume needs beyond the last snapshot is in MLflow and the Optuna study (kdtune.search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # MLflow is the sweep's record: Tune's default CSV, JSON and TensorBoard files per trial would
+    # repeat it, for the driver's CPU (a TensorBoard writer opened per trial, every result written).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # A reused actor waits this long for the previous trial's thread to end (Tune's default, 2 s, is
     # exceeded on a loaded machine, and the next trial then fails with "Trainable runner reuse requires
     # reset_config() ...").
