@@ -177,6 +177,12 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         paths = [spec.teacher.arch, spec.data.dataset] + list(space.student_values("student.arch", spec.student.arch))
         temp_dir = init_ray(address or spec.ray.address, user_modules(p for p in paths if IMPORT_PATH.match(p)))
         _ship_by_value(teacher, student)
+        if spec.resources.workers > 1:
+            import ray
+
+            from kdtune.distributed import check_placeable
+
+            check_placeable(spec, ray.nodes())
         from kdtune.tuning import SweepContext
 
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study)

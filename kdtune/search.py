@@ -5,6 +5,7 @@ import re
 
 import optuna
 import pandas as pd
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -19,8 +20,25 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISa
 
 
 def _trainable(spec, data, ctx):
+    """The trainable with its resources: one process, or (resources.workers > 1) a trial that starts
+    its workers, the shared data put once into the object store for all of them."""
+    if spec.resources.workers > 1:
+        from kdtune import distributed
+
+        workers = distributed.TrialWorkers(ray.put(data), spec.resources.workers, spec.resources.cpu, spec.resources.gpu)
+        return tune.with_resources(tune.with_parameters(trainable, data=None, ctx=ctx, workers=workers),
+                                   distributed.trial_resources())
     return tune.with_resources(tune.with_parameters(trainable, data=data, ctx=ctx),
                                {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _max_concurrent(spec) -> int:
+    """search.max_concurrent, capped for multi-worker trials at how many the cluster holds."""
+    if spec.resources.workers > 1:
+        from kdtune import distributed
+
+        return distributed.trials_at_once(spec, ray.nodes())
+    return spec.search.max_concurrent
 
 
 def _run_config(spec, storage: str, name: str, callback) -> tune.RunConfig:
@@ -85,7 +103,7 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     tuner = tune.Tuner(
         _trainable(spec, data, ctx),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                    max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
+                                    max_concurrent_trials=_max_concurrent(spec), reuse_actors=True),
         run_config=_run_config(spec, storage, "search", callback))
     return tuner.fit()
 
@@ -99,7 +117,7 @@ def run_confirm(spec, data, ctx: SweepContext, storage: str, points: list[dict],
     callback = TrackingCallback(ctx, spec.train.epochs, len(points), accuracy.metric, accuracy.mode)
     tuner = tune.Tuner(
         _trainable(spec, data, ctx), param_space={"point": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(spec), reuse_actors=True),
         run_config=_run_config(spec, storage, "confirm", callback))
     return tuner.fit()
 

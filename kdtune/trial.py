@@ -23,6 +23,7 @@ from kdtune.distill import METHODS, TEACHER_TARGETS
 from kdtune.models import count_params
 from kdtune.models.features import student_params
 from kdtune.models.resolve import build_model
+from kdtune.parallel import Learner, Ranks
 from kdtune.recipe import make_optimizer, make_schedule
 from kdtune.space import TrialPlan
 
@@ -120,12 +121,32 @@ class TeacherTargets:
         return out
 
 
+def accumulate_step(loss: torch.Tensor, step: int, steps: int, accumulate: int, optimizer, schedule,
+                    learner: Optional[nn.Module], ranks: Ranks) -> None:
+    """Backward of one of `accumulate` micro-batches (or of fewer, the epoch's last group), each
+    weighted by the group's size so that the step sees their mean gradient; the optimizer steps,
+    and DDP all-reduces, on the group's last micro-batch only."""
+    first = step - step % accumulate
+    size = min(accumulate, steps - first)
+    last = step == first + size - 1
+    with ranks.syncing(learner, last):
+        (loss / size).backward()
+    if last:
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def run_trial(plan: TrialPlan, data: SweepData,
               report: Callable[[dict, Optional[Callable[[], dict]]], None],
               state: Optional[dict] = None, device: str | torch.device = "cpu",
-              student: Optional[nn.Module] = None) -> dict:
+              student: Optional[nn.Module] = None, ranks: Ranks = Ranks()) -> dict:
     """Train the plan's student (or the `student` given, in place) for its epochs;
     `report(metrics, get_state)` once per epoch.
+
+    With `ranks` of a started process group (kdtune.distributed), this process trains its shard
+    of each batch in DistributedDataParallel; rank 0 alone evaluates and reports, with the losses
+    averaged over all ranks, and every rank stops when its `report` returns False.
 
     `get_state` is given on checkpoint epochs (every `train.checkpoint_every` and the last):
     calling it returns everything needed to resume. A non-finite loss ends the trial with
@@ -155,9 +176,11 @@ def run_trial(plan: TrialPlan, data: SweepData,
                            len(splits.train_y), spec.train.ce_weight, label_smoothing=spec.train.label_smoothing,
                            teacher_head=data.teacher_head, **plan.method_params).to(device)
     targets.live_batches = targets.live_samples = 0
-    epochs, n = spec.train.epochs, len(splits.train_y)
+    distiller.gather = ranks.gather  # a method with state (CRD's banks) updates it with every rank's batch
+    epochs, n, accumulate = spec.train.epochs, len(splits.train_y), spec.train.accumulate
     optimizer = make_optimizer(spec.train, [p for m in (student, distiller) for p in m.parameters() if p.requires_grad])
-    schedule = make_schedule(spec.train, optimizer, math.ceil(n / spec.train.batch_size))
+    steps = math.ceil(math.ceil(n / (spec.train.batch_size * ranks.world)) / accumulate)  # optimizer steps an epoch
+    schedule = make_schedule(spec.train, optimizer, steps)
     first_epoch = 0
     if state:
         student.load_state_dict(state["student"])
@@ -168,35 +191,45 @@ def run_trial(plan: TrialPlan, data: SweepData,
         torch.set_rng_state(state["torch_rng"])
         first_epoch = state["epoch"]
     fixed = {"params": student_params(student), "extra_params": count_params(distiller)}
+    learner = ranks.wrap(Learner(student, distiller), device) if ranks.world > 1 else None
     metrics: dict = {}
     for epoch in range(first_epoch, epochs):
         started = time.time()
         student.train()
         history: dict[str, list[torch.Tensor]] = defaultdict(list)  # summed once per epoch, not per step
-        order = batches(n, spec.train.batch_size, generator, device)
+        order = batches(n, spec.train.batch_size, generator, device, ranks.rank, ranks.world)
         for step, idx in enumerate(order):
             x, y = splits.train_x.index_select(0, idx), splits.train_y.index_select(0, idx)  # 2x faster than [idx] on CPU
             views = augment.draw(len(idx), generator, device) if augment else None
             if augment:
                 x = augment.apply(x, views)
+            progress = epoch + step / len(order)
             with precision():
-                terms = distiller(student(x), targets(idx, x, views), y, idx, epoch + step / len(order))
+                if learner is None:
+                    terms = distiller(student(x), targets(idx, x, views), y, idx, progress)
+                else:
+                    terms = learner(x, targets(idx, x, views), y, idx, progress)
             first, *rest = terms.values()
             loss = sum(rest, first)  # not sum(terms.values()): that adds its start, 0, as one more op a step
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            if accumulate == 1:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            else:
+                accumulate_step(loss, step, len(order), accumulate, optimizer, schedule, learner, ranks)
             for name, value in terms.items():
                 history[name].append(value.detach())
-        losses = {f"loss_{k}": torch.stack(v).mean().item() for k, v in history.items()}
+        losses = dict(zip((f"loss_{k}" for k in history),
+                          ranks.mean(torch.stack([torch.stack(v).mean() for v in history.values()])).tolist()))
         diverged = not all(math.isfinite(v) for v in losses.values())
-        val_acc, val_loss = (math.nan, math.nan) if diverged else accuracy(student, splits.val_x, splits.val_y)
+        evaluate = ranks.lead and not diverged
+        val_acc, val_loss = accuracy(student, splits.val_x, splits.val_y) if evaluate else (math.nan, math.nan)
         metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, **losses, **fixed,
                    "epoch_seconds": time.time() - started, "teacher_live_batches": targets.live_batches,
                    "teacher_passes": targets.live_samples / n,
                    "diverged": diverged, "done": diverged or epoch + 1 == epochs}
-        if epoch + 1 == epochs and not diverged:
+        if epoch + 1 == epochs and evaluate:
             metrics["test_acc"] = accuracy(student, splits.test_x, splits.test_y)[0]
         checkpoint_now = not diverged and ((epoch + 1) % spec.train.checkpoint_every == 0 or epoch + 1 == epochs)
 
@@ -205,7 +238,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}
-        report(metrics, get_state if checkpoint_now else None)
-        if diverged:
+        stop = ranks.lead and report(metrics, get_state if checkpoint_now else None) is False
+        if diverged or ranks.agree(stop):
             break
     return metrics

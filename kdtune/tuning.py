@@ -40,7 +40,12 @@ def trial_params(plan, config: dict) -> dict:
     student = plan.spec.student
     return {"loss": plan.method, "student.arch": student.arch, "width": student.width,
             **{f"student.kwargs.{k}": v for k, v in student.kwargs.items()}, "train.lr": plan.spec.train.lr, "train.epochs": plan.spec.train.epochs, "seed": plan.seed,
-            **method_defaults, **config}
+            "train.effective_batch_size": effective_batch(plan.spec), **method_defaults, **config}
+
+
+def effective_batch(spec) -> int:
+    """Examples per optimizer step: the batch of each worker, of each accumulated micro-batch."""
+    return spec.train.batch_size * spec.train.accumulate * spec.resources.workers
 
 
 def load_state(checkpoint: tune.Checkpoint, device="cpu") -> dict:
@@ -56,8 +61,10 @@ def trial_tags(plan, ctx: SweepContext) -> dict:
             "kdtune.sweep": ctx.parent_run_id}
 
 
-def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
-    """Ray Tune function trainable: resume from a checkpoint if any, report every epoch."""
+def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=None) -> None:
+    """Ray Tune function trainable: resume from a checkpoint if any, report every epoch. With
+    `workers` (a kdtune.distributed.TrialWorkers, for resources.workers > 1) the trial is trained
+    by them and this process only reports."""
     spec = Spec.model_validate(ctx.spec_dict)
     config = config.get("point", config)  # confirmation runs pass whole configs through grid_search
     plan = resolve(spec, config)
@@ -91,7 +98,10 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
         return
     monitor = system_metrics(ctx, run_id, resumed=state is not None) if run_id else None
     try:
-        run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
+        if workers is not None:
+            workers.train(plan, report, state, tune.get_context().get_trial_dir())
+        else:
+            run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
     finally:
         if monitor is not None:
             tracking.guarded("system metrics", monitor.finish)
