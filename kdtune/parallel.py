@@ -28,8 +28,6 @@ class Ranks:
         """`model` in DistributedDataParallel (gradients averaged over ranks in backward). Buffers
         are not broadcast: a method's state (CRD's memory banks) is kept equal by its own
         `gather`, and copying 2 x 50k x 128 bank rows every step would cost more than the step."""
-        if self.world == 1:
-            return model
         ids = [device] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
@@ -46,6 +44,12 @@ class Ranks:
         values = values.clone()
         dist.all_reduce(values)
         return values / self.world
+
+    def total(self, value: float) -> float:
+        """`value` summed over the ranks (counts of what each did)."""
+        if self.world == 1:
+            return value
+        return self.mean(torch.tensor([float(value)], device=self.device)).item() * self.world
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's `values` (equal shapes), concatenated in rank order along dim 0."""

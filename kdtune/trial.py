@@ -226,8 +226,8 @@ def run_trial(plan: TrialPlan, data: SweepData,
         evaluate = ranks.lead and not diverged
         val_acc, val_loss = accuracy(student, splits.val_x, splits.val_y) if evaluate else (math.nan, math.nan)
         metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, **losses, **fixed,
-                   "epoch_seconds": time.time() - started, "teacher_live_batches": targets.live_batches,
-                   "teacher_passes": targets.live_samples / n,
+                   "epoch_seconds": time.time() - started, "teacher_live_batches": ranks.total(targets.live_batches),
+                   "teacher_passes": ranks.total(targets.live_samples) / n,
                    "diverged": diverged, "done": diverged or epoch + 1 == epochs}
         if epoch + 1 == epochs and evaluate:
             metrics["test_acc"] = accuracy(student, splits.test_x, splits.test_y)[0]

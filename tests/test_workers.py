@@ -19,6 +19,8 @@ from kdtune.space import resolve
 from kdtune.teacher import compute_targets, get_teacher
 from kdtune.trial import SweepData, run_trial
 
+SPEC = Path(__file__).resolve().parents[1] / "search_spaces" / "mnist.yaml"
+
 TRAIN = 1000  # training examples: 1200 minus val_size, an even number of batches of 2 x 25
 
 
@@ -57,7 +59,7 @@ def sweep(tmp_path_factory, mnist_root, teacher_cache):
     (out / "seen").mkdir()
     spec = small_spec(mnist_root, teacher_cache, search={
         # seed 1: Optuna's random sampler picks crd, kd, fitnet
-        "space": {"loss": {"kd": {}, "crd": {"nce_k": 64}, "fitnet": {}}}, "num_samples": 3, "sampler": "random",
+        "space": {"loss": {"kd": {}, "crd": {"nce_k": 64}, "fitnet": {"beta": 1}}}, "num_samples": 3, "sampler": "random",
         "baselines": False, "confirm_seeds": 0})
     with pytest.MonkeyPatch.context() as env:
         env.setenv(SEEN, str(out / "seen"))
@@ -145,7 +147,7 @@ def test_two_accumulated_micro_batches_step_as_one_batch_of_twice_the_size(mnist
 
 
 def test_more_workers_than_the_cluster_holds_exits_2_naming_the_key(tmp_path, run_cli):
-    done = run_cli(["--smoke", "--set", "resources.workers=64", "--set", "teacher.epochs=1"], cwd=tmp_path, timeout=300)
+    done = run_cli([SPEC, "--smoke", "--set", "resources.workers=64"], cwd=tmp_path, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "resources.workers" in done.stderr and "CPU" in done.stderr
     assert not (tmp_path / "results" / "mnist-kd" / "trials.csv").exists()
