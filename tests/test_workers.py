@@ -2,6 +2,7 @@
 their checkpoints resuming, and gradient accumulation, on MNIST slices."""
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,7 @@ def test_a_two_worker_checkpoint_resumes_to_the_same_result(tmp_path, mnist_root
         workers.train(plan, lambda m, g: resumed.append(m), states[0], str(tmp_path))
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert [m["epoch"] for m in reports] == [1, 2] and [m["epoch"] for m in resumed] == [2]
     for key in ("val_acc", "val_loss", "loss_ce", "loss_crd"):
         assert resumed[0][key] == reports[1][key]
