@@ -37,7 +37,7 @@ def main() -> None:
     raw = spec.model_dump(mode="python")
     raw["search"]["space"] = {"student.arch": args.arch, "loss": {m: {} for m in methods}}
     compared = validate(raw)
-    data, teacher = prepare(compared, parse_space(compared))
+    data, teacher, _ = prepare(compared, parse_space(compared))
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     overrides = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)}
     rows = []

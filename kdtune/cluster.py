@@ -19,11 +19,12 @@ def _installed(path: Path) -> bool:
 
 def user_modules(import_paths: Iterable[str]) -> list[str]:
     """Local files or package folders of the `package.module:attr` paths that are not installed:
-    the trials on other nodes import them through Ray's runtime_env `py_modules`."""
+    the trials on other nodes import them through Ray's runtime_env `py_modules`. kdtune itself (its
+    built-in `kdtune.evaluation:top1_top5`) is never shipped: every trial runs it already."""
     found = []
     for path in import_paths:
         top = path.split(":", 1)[0].split(".")[0]
-        module = sys.modules.get(top)
+        module = sys.modules.get(top) if top != "kdtune" else None
         origin = getattr(module, "__file__", None)
         if not origin:
             continue
@@ -41,12 +42,8 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
 
     runtime_env = {"py_modules": list(py_modules)} if py_modules else None
 
-    # Snapshot the experiment state at every step, not every 10+ s: a driver killed between two
-    # snapshots loses the trials started since. kdtune.snapshots.EventSnapshots then moves the
-    # snapshots to the steps where a trial was added, started, checkpointed or ended, so that the
-    # controller's ten idle steps a second do not cost the trials CPU.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune snapshots the experiment on its own adaptive period (TUNE_GLOBAL_CHECKPOINT_S): what a
+    # resume needs beyond the last snapshot is in MLflow and the Optuna study (kdtune.search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A reused actor waits this long for the previous trial's thread to end (Tune's default, 2 s, is
     # exceeded on a loaded machine, and the next trial then fails with "Trainable runner reuse requires

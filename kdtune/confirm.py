@@ -15,25 +15,27 @@ import pandas as pd
 from scipy import stats
 
 from kdtune.pareto import pareto_mask
-from kdtune.results import finished, kd_gain_table, pareto_table
+from kdtune.results import best, evaluation_columns, finished, kd_gain_table, pareto_table, selection, test_metric
 
 
 def candidates(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
-    """Best baseline and best distilled search trial (on val_acc) at every student size on the front,
-    and at the best distilled size of each family with no size on it: every family gets a KD-gain row
-    (the default spec's MLP is its positive control, dominated on the front by the conv nets)."""
+    """Best baseline and best distilled search trial (on the selection metric: val_acc, or the first
+    objective on an `evaluate` metric) at every student size on the front, and at the best distilled
+    size of each family with no size on it: every family gets a KD-gain row (the default spec's MLP is
+    its positive control, dominated on the front by the conv nets)."""
+    metric, mode = selection(objectives)
     done = finished(trials[trials["phase"] == "search"])
     students = list(pareto_table(trials, objectives)["student"].drop_duplicates())
     on_front = set(done.loc[done["student"].isin(students), "student.arch"])
     for arch, group in done[done["loss"] != "none"].groupby("student.arch"):
         if arch not in on_front:
-            students.append(group.loc[group["val_acc"].idxmax(), "student"])
+            students.append(best(group, metric, mode)["student"])
     picks = []
     for student in students:
         same = done[done["student"] == student]
         for group in (same[same["loss"] == "none"], same[same["loss"] != "none"]):
             if not group.empty:
-                picks.append(group.loc[group["val_acc"].idxmax()])
+                picks.append(best(group, metric, mode))
     return pd.DataFrame(picks).reset_index(drop=True)
 
 
@@ -61,12 +63,14 @@ def verdict(low: float, high: float) -> str:
 
 
 def confirmed_means(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:
-    """One row per confirmed configuration: the search trial's columns with mean metrics over seeds."""
+    """One row per confirmed configuration: the search trial's columns with mean metrics over seeds
+    (kdtune's accuracy and every `evaluate` metric)."""
     done = finished(runs)
-    grouped = done.groupby("source_trial").agg(val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
-                                               test_acc_std=("test_acc", "std"), seeds=("seed", "count"))
-    base = picks.drop(columns=["val_acc", "test_acc", "phase", "status", "reason", "mlflow_run_id", "node_id",
-                               "epochs", "seed", "source_trial"], errors="ignore")
+    means = ["val_acc", "test_acc"] + evaluation_columns(done.columns)
+    grouped = done.groupby("source_trial").agg(**{m: (m, "mean") for m in means}, test_acc_std=("test_acc", "std"),
+                                               seeds=("seed", "count"))
+    base = picks.drop(columns=means + ["phase", "status", "reason", "mlflow_run_id", "node_id",
+                                       "epochs", "seed", "source_trial"], errors="ignore")
     merged = base.rename(columns={"trial_id": "source_trial"}).merge(grouped, on="source_trial")
     return merged
 
@@ -80,29 +84,31 @@ def tables(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> tuple[pd.
     the search trials. The sweep and the report rebuilt from MLflow both use it, so they agree."""
     reruns = trials[trials["phase"] == "confirm"]
     if reruns.empty or (reruns["status"] == "KILLED").any():
-        return pareto_table(trials, objectives), kd_gain_table(trials)
+        return pareto_table(trials, objectives), kd_gain_table(trials, objectives)
     picks = candidates(trials, objectives)
-    return confirmed_front(confirmed_means(reruns, picks), objectives), gain_table(reruns, picks)
+    return confirmed_front(confirmed_means(reruns, picks), objectives), gain_table(reruns, picks, objectives)
 
 
-def gain_table(runs: pd.DataFrame, picks: pd.DataFrame) -> pd.DataFrame:
-    """Per student size: distilled minus baseline test accuracy, paired by seed, with its interval."""
+def gain_table(runs: pd.DataFrame, picks: pd.DataFrame, objectives=()) -> pd.DataFrame:
+    """Per student size: distilled minus baseline on the test counterpart of the selection metric
+    (test accuracy by default), paired by seed, with its interval."""
+    test = test_metric(selection(objectives)[0])
     done = finished(runs)
     rows = []
     for student, group in picks.groupby("student"):
         base, kd = group[group["loss"] == "none"], group[group["loss"] != "none"]
         if base.empty or kd.empty:
             continue
-        b_runs = done[done["source_trial"] == base.iloc[0]["trial_id"]].set_index("seed")["test_acc"]
-        k_runs = done[done["source_trial"] == kd.iloc[0]["trial_id"]].set_index("seed")["test_acc"]
+        b_runs = done[done["source_trial"] == base.iloc[0]["trial_id"]].set_index("seed")[test]
+        k_runs = done[done["source_trial"] == kd.iloc[0]["trial_id"]].set_index("seed")[test]
         paired = pd.concat([b_runs, k_runs], axis=1, keys=["base", "kd"]).dropna()
         mean, low, high = paired_interval(paired["kd"] - paired["base"])
         first = base.iloc[0]
         rows.append({"student": student, "student.arch": first["student.arch"], "width": first["width"],
                      "params": int(first["params"]),
                      "method": kd.iloc[0]["loss"],
-                     "baseline_test_acc": paired["base"].mean(), "baseline_std": paired["base"].std(),
-                     "kd_test_acc": paired["kd"].mean(), "kd_std": paired["kd"].std(),
+                     f"baseline_{test}": paired["base"].mean(), "baseline_std": paired["base"].std(),
+                     f"kd_{test}": paired["kd"].mean(), "kd_std": paired["kd"].std(),
                      "gain": mean, "ci95_low": low, "ci95_high": high, "seeds": len(paired),
                      "verdict": verdict(low, high)})
     return pd.DataFrame(rows)

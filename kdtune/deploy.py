@@ -97,6 +97,9 @@ def log_student(tracking_uri: str, run_id: str, model: torch.jit.ScriptModule, i
 
     if mlflow.get_tracking_uri() != tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    # log_model files the model under the active experiment (else Default), not under its run's: there
+    # the run page's "Logged models" and the experiment's Models tab would not list it
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
     quiet = logging.getLogger("mlflow.pytorch")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its warning is about pickled modules; this is a TorchScript archive

@@ -1,6 +1,8 @@
 """Before Ray starts: build every student size the space can sample, run one batch through it
 and each method, so a wrong model, feature node or method pairing is a SpecError at its key;
-and find the teacher's classifier head for the methods that reuse it."""
+score the first student with the evaluation, so a function that fails or returns no named
+numbers, or an objective naming a metric it does not return, is one too; and find the
+teacher's classifier head for the methods that reuse it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,8 +15,11 @@ from kdtune.errors import SpecError
 from kdtune.models.features import classifier_head, node_names, unwrapped
 from kdtune.models.resolve import build_model
 from kdtune.space import SearchSpace, resolve
+from kdtune.trial import scores
 
 PROBE = 2  # images in the probe batch
+EVALUATION_PROBE = 256  # validation samples the evaluation scores the untrained student on
+OWN_NAMES = ("acc", "loss")  # what kdtune measures without an `evaluate` function: val_acc, val_loss
 
 
 def _needs(method) -> set[str]:
@@ -70,9 +75,34 @@ def _teacher_head(space: SearchSpace, teacher: nn.Module, teacher_out) -> Option
     return head
 
 
-def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_factory=None) -> Optional[nn.Module]:
-    """Every student size and every method, on one batch of training images. Returns the
-    teacher's frozen classifier head when a method reuses it (None otherwise)."""
+def check_objectives(spec, names, evaluated: bool) -> None:
+    """Every objective on a validation metric names one the sweep measures (`names`, without val_)."""
+    for i, objective in enumerate(spec.search.objectives):
+        name = objective.metric.removeprefix("val_")
+        if not objective.metric.startswith("val_") or name in names:
+            continue
+        if evaluated:
+            measured = ", ".join(f"val_{n}" for n in sorted(names))
+            raise SpecError(f"search.objectives.{i}.metric", f"{objective.metric!r} is not measured: scoring the "
+                                                             f"untrained student, evaluate {spec.evaluate} returned "
+                                                             f"no {name!r} (the sweep measures {measured})")
+        raise SpecError(f"search.objectives.{i}.metric", f"{objective.metric!r} needs the top-level `evaluate` function "
+                                                         f"(package.module:function returning {{{name!r}: ...}}); "
+                                                         "without one kdtune measures val_acc and val_loss")
+
+
+def check_evaluation(spec, evaluate, student: nn.Module, splits) -> None:
+    """The evaluation on the untrained student over a slice of the validation set: it must run and
+    return named numbers, among them every metric an objective names."""
+    n = EVALUATION_PROBE
+    check_objectives(spec, set(scores(student, splits.val_x[:n], splits.val_y[:n], evaluate)), evaluated=True)
+
+
+def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_factory=None,
+                 evaluate=None) -> Optional[nn.Module]:
+    """Every student size and every method, on one batch of training images, and the evaluation
+    function (if any) on the first student. Returns the teacher's frozen classifier head when a
+    method reuses it (None otherwise)."""
     x = splits.train_x[:PROBE]
     idx = torch.arange(PROBE)
     teacher_out = _run(teacher, x, "teacher.arch", spec.teacher.arch)
@@ -84,12 +114,14 @@ def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_f
                                                          + _feature_hint("teacher", lacking[0], teacher))
     head = _teacher_head(space, teacher, teacher_out)
     targets = {k: TEACHER_TARGETS[k](teacher_out) for k in {k for m in space.methods for k in METHODS[m].teacher_keys}}
-    for point in space.baseline_points() or [{}]:
+    for i, point in enumerate(space.baseline_points() or [{}]):
         plan = resolve(spec, point)
         s = plan.spec.student
         student = build_model(s, splits.in_shape, splits.num_classes, "student", s.width, student_factory)
         out = _run(student, x, "student.arch", plan.student)
         _output_check(out, splits.num_classes, "student.arch", plan.student)
+        if i == 0 and evaluate is not None:  # one student tells whether the function works
+            check_evaluation(spec, evaluate, student, splits)
         for name in space.methods:
             method = METHODS[name]
             lacking = _missing(out, _needs(method))

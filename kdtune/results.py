@@ -15,6 +15,29 @@ from kdtune.pareto import pareto_mask
 BASE_COLUMNS = ["trial_id", "phase", "loss", "student.arch", "width", "student"]
 METRIC_COLUMNS = ["params", "extra_params", "val_acc", "test_acc", "epochs", "teacher_passes", "status", "reason",
                   "mlflow_run_id", "node_id"]
+OWN_SCORES = ("val_acc", "val_loss", "test_acc", "test_loss", "test_acc_std")  # kdtune's accuracy, not `evaluate`'s
+
+
+def evaluation_columns(names) -> list[str]:
+    """The `evaluate` function's metrics among `names` (result keys, columns): its val_<name>
+    columns, then its test_<name> columns, each sorted."""
+    found = sorted({n for n in names if isinstance(n, str) and n.startswith(("val_", "test_")) and n not in OWN_SCORES})
+    return [n for n in found if n.startswith("val_")] + [n for n in found if n.startswith("test_")]
+
+
+def selection(objectives) -> tuple[str, str]:
+    """(validation metric, mode) that picks each student size's best trial for the KD gain and
+    confirmation: the first objective on accuracy or on an `evaluate` metric, else val_acc."""
+    return next(((m, mode) for m, mode in objectives if m.startswith("val_") and m != "val_loss"), ("val_acc", "max"))
+
+
+def test_metric(val_metric: str) -> str:
+    """val_f1 -> test_f1: the held-out counterpart a KD gain is measured on."""
+    return "test_" + val_metric.removeprefix("val_")
+
+
+def best(group: pd.DataFrame, metric: str, mode: str) -> pd.Series:
+    return group.loc[group[metric].idxmax() if mode == "max" else group[metric].idxmin()]
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -31,7 +54,12 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 
 def trials_frame(rows: list[dict], param_columns: list[str]) -> pd.DataFrame:
-    columns = BASE_COLUMNS + [c for c in param_columns if c not in BASE_COLUMNS] + METRIC_COLUMNS
+    """trials.csv's layout: the trial, its parameters, kdtune's metrics with the `evaluate`
+    function's (val_<name>, test_<name>) after test_acc, then its status."""
+    extra = evaluation_columns({k for row in rows for k in row})
+    at = METRIC_COLUMNS.index("test_acc") + 1
+    columns = (BASE_COLUMNS + [c for c in param_columns if c not in BASE_COLUMNS] + METRIC_COLUMNS[:at] + extra
+               + METRIC_COLUMNS[at:])
     df = pd.DataFrame(rows, columns=columns)
     return df.reset_index(drop=True)  # Tune's trial order: the order the sampler proposed them
 
@@ -60,8 +88,11 @@ def method_columns(df: pd.DataFrame) -> list[str]:
             and ":" not in c and df[c].notna().any()]
 
 
-def kd_gain_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per student size: the best baseline against the best distilled trial, chosen on val_acc."""
+def kd_gain_table(df: pd.DataFrame, objectives=()) -> pd.DataFrame:
+    """Per student size: the best baseline against the best distilled trial, chosen on the selection
+    metric (val_acc unless an objective names an `evaluate` metric) and compared on its test counterpart."""
+    metric, mode = selection(objectives)
+    test = test_metric(metric)
     done = finished(df[df["phase"] == "search"])
     rows = []
     for student, group in done.groupby("student"):
@@ -69,11 +100,11 @@ def kd_gain_table(df: pd.DataFrame) -> pd.DataFrame:
         kd = group[group["loss"] != "none"]
         if base.empty or kd.empty:
             continue
-        b, k = base.loc[base["val_acc"].idxmax()], kd.loc[kd["val_acc"].idxmax()]
+        b, k = best(base, metric, mode), best(kd, metric, mode)
         rows.append({"student": student, "student.arch": b["student.arch"], "width": b["width"], "params": int(b["params"]),
-                     "baseline_val_acc": b["val_acc"], "baseline_test_acc": b["test_acc"],
-                     "best_method": k["loss"], "kd_val_acc": k["val_acc"], "kd_test_acc": k["test_acc"],
-                     "test_gain": k["test_acc"] - b["test_acc"]})
+                     f"baseline_{metric}": b[metric], f"baseline_{test}": b[test],
+                     "best_method": k["loss"], f"kd_{metric}": k[metric], f"kd_{test}": k[test],
+                     "test_gain": k[test] - b[test]})
     return pd.DataFrame(rows)
 
 
@@ -116,7 +147,21 @@ def show(df: pd.DataFrame, columns: list[str]) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-GAP_WARNING = 0.005  # a teacher less than half a point above the students has little to teach
+GAP_WARNING = 0.005  # within half a point of the best baseline student, a teacher has little to teach
+
+
+def gap_warning(teacher_acc: float, best: float) -> str | None:
+    """What the teacher's test accuracy says against the best baseline student's: below it, the
+    teacher cannot teach it; level with it (within GAP_WARNING), little; clearly above, no warning."""
+    gap = teacher_acc - best
+    numbers = f"the teacher ({teacher_acc:.2%}) is {abs(gap) * 100:.2f} points"
+    if gap <= -GAP_WARNING:
+        return (f"{numbers} below the best baseline student ({best:.2%}): it cannot teach it; "
+                "train it longer or give a checkpoint")
+    if gap < GAP_WARNING:
+        return (f"{numbers} {'above' if gap >= 0 else 'below'} the best baseline student ({best:.2%}): level with it "
+                f"(within {GAP_WARNING * 100:.1f} points), it has little to teach, so a 'no clear gain' verdict says little")
+    return None
 
 
 def teacher_gap(trials: pd.DataFrame, front: pd.DataFrame, gain: pd.DataFrame, teacher_acc: float) -> tuple[pd.DataFrame, dict]:
@@ -127,10 +172,7 @@ def teacher_gap(trials: pd.DataFrame, front: pd.DataFrame, gain: pd.DataFrame, t
     if "baseline_test_acc" in gain.columns:
         baselines = pd.concat([baselines, gain["baseline_test_acc"]])
     best = float(baselines.max()) if baselines.notna().any() else None
-    warning = None
-    if best is not None and teacher_acc - best < GAP_WARNING:
-        warning = (f"the teacher ({teacher_acc:.2%}) is less than {GAP_WARNING:.1%} above the best baseline student "
-                   f"({best:.2%}): it has little to teach, so a 'no clear gain' verdict says little")
+    warning = gap_warning(teacher_acc, best) if best is not None else None
     return front, {"teacher_test_acc": teacher_acc, "best_baseline_test_acc": best, "warning": warning}
 
 
@@ -139,7 +181,8 @@ def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict, gap: 
     each status had."""
     confirmed = "test_acc_std" in front.columns
     columns = (["loss"] + method_columns(front) + ["student", "params", "val_acc", "test_acc"]
-               + (["test_acc_std", "seeds"] if confirmed else []) + ["teacher_gap"])
+               + evaluation_columns(front.columns) + (["test_acc_std", "seeds"] if confirmed else []) + ["teacher_gap"])
+    chosen_on = next((c.removeprefix("baseline_") for c in gain.columns if c.startswith("baseline_val_")), "val_acc")
     excluded = {k: v for k, v in counts.items() if k != "FINISHED"}
     note = "; ".join(f"{v} {k.lower()} excluded" for k, v in sorted(excluded.items()))
     title = "confirmed means over fresh seeds" if confirmed else "search trials"
@@ -147,7 +190,7 @@ def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict, gap: 
         f"\nPareto-optimal students ({title}; {counts.get('FINISHED', 0)} finished search trials{'; ' + note if note else ''}):",
         show(front, columns),
         "\nKD gain per student size (" + ("paired over seeds, 95% interval" if "verdict" in gain.columns
-                                           else "best baseline vs best distilled, chosen on val_acc") + "):",
+                                           else f"best baseline vs best distilled, chosen on {chosen_on}") + "):",
         show(gain, list(gain.columns)),
         "\nstatus: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
     ] + ([f"\nteacher test_acc {gap['teacher_test_acc']:.4f}; best baseline {gap['best_baseline_test_acc'] or float('nan'):.4f}"]

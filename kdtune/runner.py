@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -17,19 +18,20 @@ from typing import Any, Callable, Optional, Union
 import pandas as pd
 from torch import nn
 
-from kdtune import confirm, results, tracking
+from kdtune import confirm, evaluation, results, tracking
 from kdtune.cluster import init_ray, user_modules
-from kdtune.data.resolve import load_splits
+from kdtune.data.resolve import load_data
 from kdtune.errors import SpecError, TrackingError
 from kdtune.loading import load_spec
 from kdtune.log import log
 from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
-from kdtune.preflight import check_models
+from kdtune.preflight import OWN_NAMES, check_models, check_objectives
 from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import Spec, spec_to_dict
-from kdtune.teacher import FORWARD_PASSES, get_teacher, teacher_targets
+from kdtune.teacher import FORWARD_PASSES, get_teacher, streamed_targets, teacher_targets
 from kdtune.distill import METHODS
 from kdtune.report import finish
+from kdtune.report.tables import accuracy_metric
 from kdtune.trial import SweepData
 
 SWEEP_STATE = "sweep.json"
@@ -73,9 +75,11 @@ def _object_name(obj) -> str:
     return IN_MEMORY + getattr(obj, "__qualname__", type(obj).__qualname__)
 
 
-def with_objects(spec: Spec, teacher, student, data) -> Spec:
+def with_objects(spec: Spec, teacher, student, data, evaluate=None) -> Spec:
     """The spec with each object given to `run` in place of the key it replaces."""
     overrides = {}
+    if evaluate is not None:
+        overrides["evaluate"] = evaluate if isinstance(evaluate, str) else _object_name(evaluate)
     if teacher is not None:
         overrides["teacher.arch"] = _object_name(teacher)
     if student is not None:
@@ -91,24 +95,52 @@ def with_objects(spec: Spec, teacher, student, data) -> Spec:
     return spec
 
 
-def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None) -> tuple[SweepData, dict]:
-    """Load the splits, get the teacher, check every model on one batch, and compute the
-    teacher's train-set targets (and take its classifier head, if a method reuses it) once for all trials."""
-    splits = load_splits(spec.data, spec.seed, data)
-    log(f"data: {spec.data.dataset} train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}, "
-        f"input {tuple(splits.in_shape)}, {splits.num_classes} classes")
-    teacher_model, info = get_teacher(spec, splits, log, teacher)
-    head = check_models(spec, space, splits, teacher_model, student)
+def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None, evaluate=None, *,
+            outputs_dir: Optional[Path] = None) -> tuple[SweepData, dict, dict]:
+    """Import the evaluation function, load the data on the path `data.resident` chooses, get the
+    teacher, check every model on one batch and the evaluation on a student, and compute the
+    teacher's train-set targets (and take its classifier head, if a method reuses it) once for all
+    trials: in memory, or for streamed data in files under `outputs_dir` (a new temporary folder if
+    None). Returns (data, teacher facts, data facts)."""
+    evaluate = evaluation.resolve(spec.evaluate, None if isinstance(evaluate, str) else evaluate)
+    if evaluate is None:
+        check_objectives(spec, OWN_NAMES, evaluated=False)
+    loaded = load_data(spec.data, spec.seed, data)
+    splits, stream = loaded.splits, loaded.stream
+    shown = (f"train {len(stream.train)}, val {', '.join(f'{k} {len(v)}' for k, v in stream.val.items())}, "
+             f"test {len(stream.test)}") if stream else \
+        f"train {len(splits.train_y)}, val {len(splits.val_y)}, test {len(splits.test_y)}"
+    log(f"data: {spec.data.dataset} {shown}, input {tuple(splits.in_shape)}, {splits.num_classes} classes")
+    log(f"data: {loaded.path} ({loaded.reason})")
+    data_info = {"path": loaded.path, "reason": loaded.reason,
+                 **({"workers": stream.workers, "random_transform": stream.random} if stream else {})}
+    teacher_model, info = get_teacher(spec, splits, log, teacher, stream)
+    head = check_models(spec, space, splits, teacher_model, student, evaluate)
     started = time.time()
-    targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, teacher_keys(space))
+    keys = teacher_keys(space)
+    if stream is None:
+        targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, keys)
+        outputs, why = None, None
+    else:
+        folder = outputs_dir or Path(tempfile.mkdtemp(prefix="kdtune-teacher-outputs-"))
+        outputs, live, mode, why = streamed_targets(spec, teacher_model, splits, stream, keys, folder)
+        targets, per_view = {}, False
     info["targets_seconds"] = round(time.time() - started, 1)
-    info["cache"], info["cached_targets"], info["live_targets"] = mode, sorted(targets), live
-    if targets:
+    cached = sorted(targets) or sorted(outputs.keys if outputs else [])
+    info["cache"], info["cached_targets"], info["live_targets"] = mode, cached, live
+    if why:
+        info["cache_reason"] = why
+    if outputs:
+        info["outputs"] = {"folder": outputs.folder, "topk": outputs.topk}
+    if cached:
         views = f" for each of the {next(iter(targets.values())).shape[1]} augmented views" if per_view else ""
-        log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}: {', '.join(sorted(targets))}")
+        where = f" on disk in {outputs.folder}" if outputs else ""
+        log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}{where}: {', '.join(cached)}")
     if live:
-        log(f"teacher outputs computed live in the trials (teacher.cache: {spec.teacher.cache}): {', '.join(live)}")
-    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head), info
+        log(f"teacher outputs computed live in the trials (teacher.cache: {mode}"
+            f"{f'; {why}' if why else ''}): {', '.join(live)}")
+    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head, evaluate, stream,
+                     outputs), info, data_info
 
 
 def forward_passes(trials: pd.DataFrame) -> dict:
@@ -134,7 +166,7 @@ def _ship_by_value(*objects) -> None:
     from ray import cloudpickle
 
     for obj in objects:
-        if obj is None or isinstance(obj, (tuple, list)):
+        if obj is None or isinstance(obj, (tuple, list, str)):
             continue
         name = getattr(obj, "__module__", None) or type(obj).__module__
         module = sys.modules.get(name)
@@ -142,47 +174,67 @@ def _ship_by_value(*objects) -> None:
             cloudpickle.register_pickle_by_value(module)
 
 
+def given_datasets(data) -> list:
+    """The datasets given to `run` (a pair, or behind a dict of DataLoaders): streamed trials
+    unpickle them, so their classes ship like the models'."""
+    if isinstance(data, dict):
+        loaders = [v for k, v in data.items() if k != "val"] + list(
+            data["val"].values() if isinstance(data.get("val"), dict) else [data.get("val")])
+        return [getattr(loader, "dataset", None) for loader in loaders]
+    return list(data) if isinstance(data, (tuple, list)) else []
+
+
 def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callable, None] = None,
-        student: Optional[Callable] = None, data: Optional[tuple] = None, results_dir: Union[str, Path] = "results",
+        student: Optional[Callable] = None, data: Union[tuple, dict, None] = None,
+        evaluate: Union[Callable, str, None] = None, results_dir: Union[str, Path] = "results",
         tracking_uri: Optional[str] = None, smoke: bool = False, address: Optional[str] = None,
         storage: Optional[str] = None, resume: bool = False) -> SweepResult:
     """Run one sweep and return its tables.
 
     `spec` is a YAML path, a mapping or a Spec. `teacher` (a trained module, used as is, or a
     factory), `student` (a factory) and `data` (a `(train, test)` pair of datasets of
-    `(image tensor, int label)`) replace the spec's `teacher.arch`, `student.arch` and
-    `data.dataset`. Bad input raises SpecError (or DataError, TeacherError, TrackingError)
-    before Ray starts.
+    `(image tensor, int label)`, or DataLoaders as `{"train": ..., "test": ..., "val": loader
+    or {name: loader}}`) replace the spec's `teacher.arch`, `student.arch` and `data.dataset`;
+    `evaluate` (a `function(model, data_loader) -> {name: number}`, or its import path) replaces
+    the spec's `evaluate`. Bad input raises SpecError (or DataError, TeacherError, TrackingError)
+    before Ray starts; with `resources.workers` > 1, Ray starts first, and workers the cluster
+    cannot place raise SpecError before the teacher is trained.
     """
     started = time.time()
-    spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data)
+    spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data, evaluate)
     results_dir = str(results_dir)
     out_dir = Path(results_dir) / spec.name
     tracking.use_retries()  # a restarting tracking server costs waiting, not runs
     uri = tracking.absolute_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
+    tracking.use_wal(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
-    data_, teacher_info = prepare(spec, space, teacher, student, data)
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(client, spec.name)
-    storage = _storage(spec, results_dir, storage)
-    parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
-    log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
-    optuna_url, study = finish.optuna_study(spec, out_dir, parent_id)
-    finish.tag_parent(client, parent_id, optuna_url, study)
-    status, teacher_done, temp_dir, missing = "FAILED", time.time(), None, []
+    paths = [spec.teacher.arch, spec.data.dataset, spec.evaluate or ""] + list(
+        space.student_values("student.arch", spec.student.arch))
+    ray_paths = user_modules(p for p in paths if IMPORT_PATH.match(p))
+    # whether a trial's workers fit is a question for the cluster: asked before the teacher trains
+    temp_dir = _start_ray(spec, address, ray_paths) if spec.resources.workers > 1 else None
+    try:
+        data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate,
+                                                 outputs_dir=out_dir / "teacher_outputs")
+        client = tracking.client(uri)
+        exp_id = tracking.experiment_id(client, spec.name)
+        storage = _storage(spec, results_dir, storage)
+        parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
+        log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
+        optuna_url, study = finish.optuna_study(spec, out_dir, parent_id)
+        finish.tag_parent(client, parent_id, optuna_url, study)
+    except BaseException:
+        if spec.resources.workers > 1:
+            _stop_ray(temp_dir)
+        raise
+    status, teacher_done, missing = "FAILED", time.time(), []
     hint = resume_hint(results_dir)
     try:
-        paths = [spec.teacher.arch, spec.data.dataset] + list(space.student_values("student.arch", spec.student.arch))
-        temp_dir = init_ray(address or spec.ray.address, user_modules(p for p in paths if IMPORT_PATH.match(p)))
-        _ship_by_value(teacher, student)
-        if spec.resources.workers > 1:
-            import ray
-
-            from kdtune.distributed import check_placeable
-
-            check_placeable(spec, ray.nodes())
+        if spec.resources.workers == 1:
+            temp_dir = _start_ray(spec, address, ray_paths)
+        _ship_by_value(teacher, student, evaluate, *given_datasets(data))
         from kdtune.tuning import SweepContext
 
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study)
@@ -191,13 +243,14 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         interrupted = interrupted or bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
         trials, front, gain, summary = report(spec, trials, out_dir, {
-            "versions": versions(), "spec": spec_dict, "teacher": teacher_info,
+            "versions": versions(), "spec": spec_dict, "data": data_info, "teacher": teacher_info,
             "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
             "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study}})
         missing += finish.at_sweep_end(spec, spec_dict, trials, front, data_, students, teacher_info["test_acc"],
                                        out_dir, client, uri, parent_id, interrupted)
+        log(f"runs in the MLflow UI: {tracking.ui_link(uri, exp_id)}")
         if interrupted:
             log(f"interrupted: partial results written to {out_dir}/. {hint}")
     except KeyboardInterrupt:  # before or between Tune's own graceful stops: nothing to write yet
@@ -205,19 +258,41 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         log(f"interrupted. {hint}")
         raise
     finally:
-        import ray
-
         closed = tracking.guarded("close runs", tracking.close_open_children, client, exp_id, parent_id, "KILLED")
         if closed:
             log(f"ended {closed} unfinished MLflow run(s) as KILLED")
         if tracking.guarded("end parent", tracking.end_run, client, parent_id, status, default=False) is False:
             missing.append("parent run status")
-        ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_ray(temp_dir)
     finish.record_missing(out_dir, parent_id, missing)
     return SweepResult(trials, front, gain, exp_id, parent_id, out_dir, status, summary, sorted(set(missing)),
                        out_dir / "report")
+
+
+def _start_ray(spec, address: Optional[str], py_modules: list[str]) -> Optional[str]:
+    """init_ray; with multi-worker trials, a SpecError (Ray stopped again) when one trial's workers
+    cannot all be placed on the cluster. Returns init_ray's temp dir."""
+    temp_dir = init_ray(address or spec.ray.address, py_modules)
+    if spec.resources.workers > 1:
+        import ray
+
+        from kdtune.distributed import check_placeable
+
+        try:
+            check_placeable(spec, ray.nodes())
+        except SpecError:
+            _stop_ray(temp_dir)
+            raise
+    return temp_dir
+
+
+def _stop_ray(temp_dir: Optional[str]) -> None:
+    """ray.shutdown, and the private local Ray's temp dir removed."""
+    import ray
+
+    ray.shutdown()
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def resume_hint(results_dir: str) -> str:
@@ -245,20 +320,27 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
     (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student; and
     whether a phase ended short of its trials (interrupted)."""
-    from kdtune.search import collect, configs, fail_lost_trials, run_confirm, run_search, search_size, trained
+    from kdtune.search import (collect, fail_lost_trials, recovered_runs, recovered_students, run_confirm, run_search,
+                               search_size, tell_recovered, trained)
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
-    trials = collect(grid, columns, spec, "search", _ended(client, ctx))
+    lost = recovered_runs(grid, ctx)
+    if lost:
+        log(f"{len(lost)} trial(s) that ended after Tune's last snapshot before a driver kill recovered from MLflow")
+    trials = collect(grid, columns, spec, "search", _ended(client, ctx), lost)
     students = {("search", tid): found for tid, found in trained(grid).items()}
-    if len(grid) < search_size(spec, space) or (trials["status"] == "KILLED").any():
+    students.update({("search", tid): found for tid, found in recovered_students(lost, f"{storage}/search").items()})
+    if len(trials) < search_size(spec, space) or (trials["status"] == "KILLED").any():
         return trials, students, True
-    if ctx.optuna_storage and (lost := fail_lost_trials(ctx)):
-        log(f"Optuna: {lost} trial(s) asked for just before a driver kill marked FAIL (sampled anew on resume)")
+    if ctx.optuna_storage and lost:
+        tell_recovered(ctx, lost, [m for m, _ in objectives(spec)])
+    if ctx.optuna_storage and (failed := fail_lost_trials(ctx)):
+        log(f"Optuna: {failed} trial(s) asked for just before a driver kill marked FAIL (sampled anew on resume)")
     if spec.search.confirm_seeds == 0:
         return trials, students, False
     picks = confirm.candidates(trials, objectives(spec))
-    by_trial = configs(grid)
+    by_trial = {tid: config for (_, tid), (config, _) in students.items()}
     points = [{**by_trial[tid], "seed": seed, "source_trial": tid}
               for tid in picks["trial_id"] for seed in confirm.seeds(spec.seed, spec.search.confirm_seeds)]
     log(f"confirming {len(picks)} configurations with {spec.search.confirm_seeds} fresh seeds each ({len(points)} runs)")
@@ -289,8 +371,7 @@ def report(spec, trials, out_dir: Path, summary: dict) -> tuple:
                     "teacher_gap": gap})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
-    metric = next((m for m, _ in objectives(spec) if m != "params"), "val_acc")
-    results.plot_pareto(trials, front, out_dir / "pareto.png", metric)
+    results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)))
     results.write_json(summary, out_dir / "summary.json")
     print(results.terminal_report(front, gain, counts, gap))
     print(f"files in {out_dir}/")

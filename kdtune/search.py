@@ -1,7 +1,10 @@
 """The Ray Tune search: OptunaSearch over the define-by-run space, optional ASHA, results as a table."""
 from __future__ import annotations
 
+import json
 import re
+import uuid
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -9,10 +12,10 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from kdtune import results
-from kdtune.snapshots import EventSnapshots
+from kdtune import results, tracking
 from kdtune.space import SearchSpace, resolve
-from kdtune.tuning import KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable, trial_status
+from kdtune.tuning import (OPTUNA_KEY, KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable,
+                           trial_status)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
@@ -41,8 +44,23 @@ def _max_concurrent(spec) -> int:
     return spec.search.max_concurrent
 
 
+TRIAL_ID = re.compile(r"[0-9a-f]{8}")
+
+
+def trial_name(trial) -> str:
+    """kdtune's trial id, of one kind in both phases (terminal, trials.csv, MLflow run names and
+    the `kdtune.trial_id` tag): Tune's own 8-hex id in the search, and a fresh one of the same
+    kind for a grid's trials, which Tune numbers 9444f_00001. Tune keeps it with the trial."""
+    return trial.trial_id if TRIAL_ID.fullmatch(trial.trial_id) else uuid.uuid4().hex[:8]
+
+
+def _tune_config(spec, **kwargs) -> tune.TuneConfig:
+    return tune.TuneConfig(max_concurrent_trials=_max_concurrent(spec), reuse_actors=True,
+                           trial_name_creator=trial_name, **kwargs)
+
+
 def _run_config(spec, storage: str, name: str, callback) -> tune.RunConfig:
-    return tune.RunConfig(name=name, storage_path=storage, callbacks=[callback, EventSnapshots()], verbose=0,
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=0,
                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                           # keep every checkpoint: after a driver kill, the last experiment snapshot may
                           # name any older one, and deleting it makes the trial fail to resume
@@ -56,7 +74,8 @@ def _restore(path: str, spec, data, ctx):
 
 
 def _accuracy_objective(spec):
-    return next((o for o in spec.search.objectives if o.metric in ("val_acc", "val_loss")), spec.search.objectives[0])
+    """The objective ASHA stops trials on and the progress lines show: the first validation metric."""
+    return next((o for o in spec.search.objectives if o.metric.startswith("val_")), spec.search.objectives[0])
 
 
 def _baselines(spec, space: SearchSpace) -> list[dict]:
@@ -70,8 +89,9 @@ def search_size(spec, space: SearchSpace) -> int:
 
 
 def fail_lost_trials(ctx: SweepContext) -> int:
-    """Mark FAIL the Optuna trials still RUNNING when the search is complete: each was asked for just
-    before a driver kill, after Tune's last snapshot, and the resumed search sampled another in its place."""
+    """Mark FAIL the Optuna trials still RUNNING when the search is complete: each was asked for
+    after Tune's last snapshot before a driver kill and had not completed, and the resumed search
+    sampled another in its place."""
     study = optuna.load_study(study_name=ctx.optuna_study, storage=ctx.optuna_storage)
     lost = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in lost:
@@ -91,6 +111,7 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
                               mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,
                               sampler=SAMPLERS[spec.search.sampler](seed=spec.seed), epochs=spec.train.epochs,
+                              total=total, ctx=ctx, resume=resume,
                               storage=optuna.storages.RDBStorage(ctx.optuna_storage) if ctx.optuna_storage else None,
                               study_name=ctx.optuna_study)
     accuracy = _accuracy_objective(spec)
@@ -102,8 +123,7 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     callback = TrackingCallback(ctx, spec.train.epochs, total, accuracy.metric, accuracy.mode)
     tuner = tune.Tuner(
         _trainable(spec, data, ctx),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                    max_concurrent_trials=_max_concurrent(spec), reuse_actors=True),
+        tune_config=_tune_config(spec, search_alg=searcher, scheduler=scheduler, num_samples=total),
         run_config=_run_config(spec, storage, "search", callback))
     return tuner.fit()
 
@@ -117,41 +137,109 @@ def run_confirm(spec, data, ctx: SweepContext, storage: str, points: list[dict],
     callback = TrackingCallback(ctx, spec.train.epochs, len(points), accuracy.metric, accuracy.mode)
     tuner = tune.Tuner(
         _trainable(spec, data, ctx), param_space={"point": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(spec), reuse_actors=True),
+        tune_config=_tune_config(spec),
         run_config=_run_config(spec, storage, "confirm", callback))
     return tuner.fit()
 
 
-def configs(grid) -> dict[str, dict]:
-    """trial id -> the trial's flat config, to rerun it."""
-    return {_trial_id(r): dict(r.config) for r in grid}
+def _config(config: dict | None) -> dict:
+    """A trial's flat config: a confirmation run's point, without the Optuna trial number."""
+    config = dict(config or {})
+    config = dict(config.get("point", config))
+    config.pop(OPTUNA_KEY, None)
+    return config
+
+
+def newest_checkpoint(folder) -> "tune.Checkpoint | None":
+    """The newest checkpoint in a trial's folder on local storage: the one a trial saved before a driver
+    kill, when Tune's last snapshot predates it and the resumed trial only replayed its result."""
+    saved = sorted(Path(folder).glob("checkpoint_*")) if folder and Path(folder).is_dir() else []
+    return tune.Checkpoint.from_directory(str(saved[-1])) if saved else None
 
 
 def trained(grid) -> dict[str, tuple[dict, "tune.Checkpoint | None"]]:
     """trial id -> (the trial's config, its last checkpoint): what its trained student is rebuilt from."""
-    return {_trial_id(r): (dict(r.config or {}).get("point", dict(r.config or {})), r.checkpoint) for r in grid}
+    return {_trial_id(r): (_config(r.config), r.checkpoint or newest_checkpoint(r.path)) for r in grid}
 
 
 def _path_trial_id(result) -> str | None:
-    """The trial id in the trial's folder name (trainable_<id>_<n>_...): always the trial's own."""
-    match = re.search(r"trainable_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_", str(result.path))
+    """The trial id that starts the trial's folder name (<id>_<n>_...): always the trial's own."""
+    match = re.match(r"([0-9a-f]{8})_", Path(str(result.path)).name)
     return match.group(1) if match else None
 
 
 def _trial_id(result) -> str:
-    return _path_trial_id(result) or (result.metrics or {}).get("trial_id") or str(result.path)
+    return _path_trial_id(result) or (result.metrics or {}).get("trial_name") or str(result.path)
 
 
-def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[str, str]]) -> pd.DataFrame:
-    """One row per trial of a ResultGrid, in the trials.csv layout. `ended` holds the statuses
-    the driver gave the trials' MLflow runs; a trial without one was interrupted."""
+def recovered_runs(grid, ctx: SweepContext) -> list:
+    """The completed runs of trials this phase's ResultGrid lacks: they started and ended between
+    two of Tune's experiment snapshots, then the driver was killed, so the resumed Tune never knew
+    them; MLflow did (the trials end their own runs). None when the tracking store is down."""
+    known = {_trial_id(result) for result in grid}
+    runs = tracking.guarded("find completed runs", tracking.completed_runs, tracking.client(ctx.tracking_uri),
+                            ctx.experiment_id, ctx.parent_run_id, ctx.phase, default=[])
+    return [run for run in runs if run.data.tags[tracking.TRIAL_TAG] not in known]
+
+
+def recovered_config(run) -> dict:
+    return _config(json.loads(run.data.tags[tracking.CONFIG_TAG]))
+
+
+def recovered_students(runs: list, folder: str) -> dict[str, tuple[dict, "tune.Checkpoint | None"]]:
+    """trial id -> (config, last checkpoint) of recovered trials, as `trained` gives them; the checkpoint
+    is the newest in the trial's folder on local storage (none on a remote one)."""
+    found = {}
+    for run in runs:
+        trial_id = run.data.tags[tracking.TRIAL_TAG]
+        trial_folder = next(Path(folder).glob(f"{trial_id}_*"), None) if Path(folder).is_dir() else None
+        found[trial_id] = (recovered_config(run), newest_checkpoint(trial_folder))
+    return found
+
+
+def tell_recovered(ctx: SweepContext, runs: list, objectives: list[str]) -> int:
+    """Tell Optuna the outcome of recovered trials whose Optuna trial is still RUNNING (the driver
+    was killed after the trial ended its run, before Tune's searcher heard of it)."""
+    study = optuna.load_study(study_name=ctx.optuna_study, storage=ctx.optuna_storage)
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    told = 0
+    for run in runs:
+        number = int(run.data.tags.get(tracking.OPTUNA_TAG, -1))
+        if number not in running:
+            continue
+        status = run.data.tags["kdtune.status"]
+        if status == "FINISHED":
+            study.tell(number, [run.data.metrics[metric] for metric in objectives])
+        else:
+            study.tell(number, state=optuna.trial.TrialState.PRUNED if status == "STOPPED" else optuna.trial.TrialState.FAIL)
+        told += 1
+    return told
+
+
+def _row(spec, phase: str, trial_id: str, config: dict, metrics: dict, status: str, reason: str) -> dict:
+    plan = resolve(spec, config)
+    row = dict(config)
+    row.update({k: metrics[k] for k in results.evaluation_columns(metrics)})  # the `evaluate` function's
+    row.update({"trial_id": trial_id, "phase": phase, "loss": plan.method,
+                "student.arch": plan.spec.student.arch, "width": plan.spec.student.width, "student": plan.student,
+                "params": metrics.get("params"), "extra_params": metrics.get("extra_params"),
+                "val_acc": metrics.get("val_acc"), "test_acc": metrics.get("test_acc"),
+                "epochs": metrics.get("epoch", 0), "teacher_passes": metrics.get("teacher_passes"),
+                "status": status, "reason": reason,
+                "mlflow_run_id": metrics.get("mlflow_run_id"), "node_id": metrics.get("node_id")})
+    return row
+
+
+def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[str, str]],
+            recovered: list = ()) -> pd.DataFrame:
+    """One row per trial of a ResultGrid, in the trials.csv layout, and one per recovered run (see
+    `recovered_runs`). `ended` holds the statuses the driver gave the trials' MLflow runs; a trial
+    without one was interrupted."""
     rows = []
     for result in grid:
-        metrics, config = result.metrics or {}, dict(result.config or {})
-        if _path_trial_id(result) and metrics.get("trial_id") not in (None, _path_trial_id(result)):
+        metrics, config = result.metrics or {}, _config(result.config)
+        if _path_trial_id(result) and metrics.get("trial_name") not in (None, _path_trial_id(result)):
             metrics = {}  # an error result of a reused actor can carry its previous trial's metrics
-        config = config.get("point", config)
-        plan = resolve(spec, config)
         if metrics.get("mlflow_run_id") in ended:
             status, reason = ended[metrics["mlflow_run_id"]]
         elif result.error is not None:
@@ -160,13 +248,9 @@ def collect(grid, columns: list[str], spec, phase: str, ended: dict[str, tuple[s
             status, reason = trial_status(metrics, spec.train.epochs, False)
         else:
             status, reason = "KILLED", "interrupted"
-        row = dict(config)
-        row.update({"trial_id": _trial_id(result), "phase": phase, "loss": plan.method,
-                    "student.arch": plan.spec.student.arch, "width": plan.spec.student.width, "student": plan.student,
-                    "params": metrics.get("params"), "extra_params": metrics.get("extra_params"),
-                    "val_acc": metrics.get("val_acc"), "test_acc": metrics.get("test_acc"),
-                    "epochs": metrics.get("epoch", 0), "teacher_passes": metrics.get("teacher_passes"),
-                    "status": status, "reason": reason,
-                    "mlflow_run_id": metrics.get("mlflow_run_id"), "node_id": metrics.get("node_id")})
-        rows.append(row)
+        rows.append(_row(spec, phase, _trial_id(result), config, metrics, status, reason))
+    for run in recovered:
+        metrics = {**run.data.metrics, "mlflow_run_id": run.info.run_id}
+        rows.append(_row(spec, phase, run.data.tags[tracking.TRIAL_TAG], recovered_config(run), metrics,
+                         run.data.tags["kdtune.status"], run.data.tags.get("kdtune.reason", "")))
     return results.trials_frame(rows, columns)

@@ -6,7 +6,7 @@ the CLI can exit 2 before Ray or MLflow start.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -14,6 +14,7 @@ from kdtune.data.base import DATASETS
 from kdtune.models.resolve import IMPORT_PATH, IN_MEMORY, arch_problem
 
 METRICS = ("val_acc", "val_loss", "params", "extra_params")
+EVALUATED = re.compile(r"^val_[A-Za-z0-9_]+$")  # val_<name> of a metric the `evaluate` function returns
 
 
 class Strict(BaseModel):
@@ -25,6 +26,20 @@ def check_arch(value: str) -> str:
     if problem:
         raise ValueError(problem)
     return value
+
+
+def check_metric(value: str) -> str:
+    if value in METRICS or EVALUATED.match(value):
+        return value
+    listed = ", ".join(repr(m) for m in METRICS[:-1]) + f" or {METRICS[-1]!r}"
+    raise ValueError(f"unknown objective metric {value!r}; one of {listed}, or val_<name> of a metric the top-level "
+                     "`evaluate` function returns (never a test metric: choosing on it would leak the test set)")
+
+
+def check_evaluate(value: Optional[str]) -> Optional[str]:
+    if value is None or value.startswith(IN_MEMORY) or IMPORT_PATH.match(value):
+        return value
+    raise ValueError(f"{value!r} is not an import path of the form package.module:function")
 
 
 def check_dataset(value: str) -> str:
@@ -43,6 +58,7 @@ class Augment(Strict):
 
 class DataSpec(Strict):
     dataset: str = "mnist"  # a built-in name or an import path `package.module:factory`
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to an import path's factory
     root: str = "data"
     download: bool = False
     val_size: int = Field(5000, ge=1)
@@ -50,8 +66,20 @@ class DataSpec(Strict):
     test_limit: Optional[int] = Field(None, ge=1)
     num_classes: Optional[int] = Field(None, ge=2)
     augment: Augment = Field(default_factory=Augment)
+    # auto: resident tensors when the training set fits resident_mb and reads the same twice, else streamed
+    resident: Union[Literal["auto"], bool] = "auto"
+    resident_mb: Optional[float] = Field(None, gt=0)  # default: a quarter of the machine's memory
+    workers: int = Field(0, ge=0)  # DataLoader worker processes of a streamed trial
+    prefetch: int = Field(2, ge=1)  # batches each worker loads ahead
 
     _dataset = field_validator("dataset")(check_dataset)
+
+    @field_validator("resident", mode="before")
+    @classmethod
+    def _resident(cls, value):
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"must be auto, true or false (got {value!r})")
 
 
 class Schedule(Strict):
@@ -93,6 +121,7 @@ class TeacherSpec(ModelSpec):
     feature_cache_mb: float = Field(1024, ge=0)
     cache: Literal["auto", "outputs", "augmentations", "live"] = "auto"
     cache_mb: float = Field(4096, ge=0)
+    topk: Optional[int] = Field(None, ge=1)  # streamed data: keep each image's k largest logits on disk
 
 
 class StudentSpec(ModelSpec):
@@ -117,8 +146,10 @@ class TrainSpec(Strict):
 
 
 class Objective(Strict):
-    metric: Literal[METRICS]
+    metric: str
     mode: Literal["max", "min"]
+
+    _metric = field_validator("metric")(check_metric)
 
 
 class SchedulerSpec(Strict):
@@ -170,6 +201,11 @@ class Spec(Strict):
     resources: Resources = Field(default_factory=Resources)
     ray: RaySpec = Field(default_factory=RaySpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    evaluate: Optional[str] = None  # `package.module:function(model, data_loader) -> {name: number}`
+
+    _evaluate = field_validator("evaluate")(check_evaluate)
+    # what --smoke sets besides kdtune's own shrinking, in this layout (e.g. {train: {epochs: 3}})
+    smoke: Optional[dict[str, Any]] = None
 
 
 def spec_to_dict(spec: Spec) -> dict:

@@ -17,13 +17,15 @@ from torch import nn
 
 from kdtune.data import Splits
 from kdtune.data.augment import Augment
+from kdtune.data.stream import Stream
 from kdtune.distill import TEACHER_TARGETS
 from kdtune.errors import SpecError, TeacherError
 from kdtune.models.features import student_params, unwrapped
 from kdtune.models.resolve import attach_features, build_model
 from kdtune.space import TrialPlan
 from kdtune.spec import Spec
-from kdtune.trial import SweepData, accuracy, run_trial
+from kdtune.teacher_outputs import DiskOutputs, sizes_mb, write_outputs
+from kdtune.trial import SweepData, accuracy, loader_accuracy, run_trial
 
 # Teacher forward passes over whole splits in this process, by split name (tests read it).
 FORWARD_PASSES: Counter = Counter()
@@ -110,7 +112,8 @@ def on_device(model: nn.Module, device: torch.device):
             torch.cuda.empty_cache()
 
 
-def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None]) -> None:
+def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None],
+                  stream: Optional[Stream] = None) -> None:
     """Train `model` in place with the teacher's recipe, through the trial's own training path, on
     the driver's device and a trial's share of threads (`resources.cpu`): more threads than cores
     spin rather than work."""
@@ -123,12 +126,13 @@ def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], N
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     try:
         with on_device(model, device):
-            run_trial(teacher_plan(spec), SweepData(splits, {}).to(device), report, device=device, student=model)
+            run_trial(teacher_plan(spec), SweepData(splits, {}, stream=stream).to(device), report, device=device,
+                      student=model)
     finally:
         torch.set_num_threads(threads)
 
 
-def _cached_or_trained(spec, model: nn.Module, splits: Splits, log) -> tuple[str, str]:
+def _cached_or_trained(spec, model: nn.Module, splits: Splits, log, stream: Optional[Stream]) -> tuple[str, str]:
     """Load the spec's teacher from the cache, or train and cache it: (source, checkpoint path)."""
     config = teacher_config(spec)
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -139,7 +143,7 @@ def _cached_or_trained(spec, model: nn.Module, splits: Splits, log) -> tuple[str
         log(f"teacher: reusing cached checkpoint {path}")
         return "cached", str(path)
     log(f"teacher: training {spec.teacher.arch} for {spec.teacher.epochs} epoch(s)")
-    train_teacher(model, spec, splits, log)
+    train_teacher(model, spec, splits, log, stream)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save({"state_dict": unwrapped(model).state_dict(), "config": config}, partial)
@@ -148,10 +152,11 @@ def _cached_or_trained(spec, model: nn.Module, splits: Splits, log) -> tuple[str
 
 
 def get_teacher(spec, splits: Splits, log: Callable[[str], None],
-                given: Union[nn.Module, Callable, None] = None) -> tuple[nn.Module, dict]:
+                given: Union[nn.Module, Callable, None] = None, stream: Optional[Stream] = None) -> tuple[nn.Module, dict]:
     """The frozen teacher and its facts (params, test_acc, where it came from).
 
-    `given` (from kdtune.run) is a trained module, used as is, or a factory to train from."""
+    `given` (from kdtune.run) is a trained module, used as is, or a factory to train from.
+    With a `stream`, `splits` holds only probe images: training and the test score stream."""
     started = time.time()
     path = None
     if isinstance(given, nn.Module):
@@ -164,12 +169,17 @@ def get_teacher(spec, splits: Splits, log: Callable[[str], None],
             _load_state(Path(path), model)
         elif given is not None:  # an in-memory factory has no stable identity to cache under
             log(f"teacher: training the given factory for {spec.teacher.epochs} epoch(s)")
-            train_teacher(model, spec, splits, log)
+            train_teacher(model, spec, splits, log, stream)
             source = "trained"
         else:
-            source, path = _cached_or_trained(spec, model, splits, log)
+            source, path = _cached_or_trained(spec, model, splits, log, stream)
     model.eval().requires_grad_(False)
-    test_acc, _ = accuracy(model, splits.test_x, splits.test_y)
+    if stream is None:
+        test_acc, _ = accuracy(model, splits.test_x, splits.test_y)
+    else:
+        device = driver_device(spec)
+        with on_device(model, device):
+            test_acc, _ = loader_accuracy(model, stream.eval_loaders("test", device=device)["test"], device)
     FORWARD_PASSES["test"] += 1
     params = student_params(model)
     log(f"teacher: {params:,} params, test_acc {test_acc:.4f} ({source})")
@@ -268,3 +278,38 @@ def teacher_targets(spec, teacher: nn.Module, splits: Splits, keys: list[str]) -
                                             f"{sizes[smallest]:.0f} MB, over {spec.teacher.cache_mb:g}; raise it, "
                                             "or use teacher.cache: live")
     return {}, list(keys), False, "live"
+
+
+@torch.no_grad()
+def streamed_targets(spec, teacher: nn.Module, splits: Splits, stream: Stream, keys: list[str],
+                     folder: Path) -> tuple[Optional[DiskOutputs], list[str], str, str]:
+    """The teacher's train-set targets for streamed data, by `teacher.cache`: (the outputs written
+    to memory-mapped files in `folder`, keys left live, the mode used, why).
+
+    Without a random transform (and without data.augment) `auto` and `outputs` write the targets
+    that fit `teacher.cache_mb` on disk (smallest first), in one teacher pass over the set; the
+    trials read them by sample index. A random transform in the user's `__getitem__` changes the
+    images on every read, so the teacher runs live in the trials (`live`)."""
+    if not keys:
+        return None, [], "none", "no method reads the teacher"
+    mode = spec.teacher.cache
+    changing = ("the training set's __getitem__ applies a random transform" if stream.random else
+                "data.augment changes the images every batch" if Augment.of(spec.data.augment, splits) else None)
+    if mode == "live":
+        return None, list(keys), "live", "teacher.cache: live"
+    if changing:
+        if mode != "auto":
+            raise SpecError("teacher.cache", f"{mode} caches each image's outputs once, but {changing}; "
+                                             "use live or auto")
+        return None, list(keys), "live", changing
+    shapes = {k: tuple(TEACHER_TARGETS[k](teacher(splits.train_x[:1]))[0].shape) for k in keys}
+    count = len(stream.train)
+    fitting = within_budget(sizes_mb(shapes, count, spec.teacher.topk), spec.teacher.cache_mb)
+    if not fitting:
+        return None, list(keys), "live", f"no target fits teacher.cache_mb ({spec.teacher.cache_mb:g} MB) on disk"
+    device = driver_device(spec)
+    FORWARD_PASSES["train"] += 1
+    with on_device(teacher, device):
+        outputs = write_outputs(teacher, stream.in_order(spec.teacher.batch_size, device), count,
+                                {k: shapes[k] for k in fitting}, folder, spec.teacher.topk, device)
+    return outputs, [k for k in keys if k not in fitting], "outputs", f"written once to {folder}"

@@ -2,15 +2,16 @@
 
 Trials create their own child run (idempotently, keyed by the Ray trial id, so a
 restored trial reattaches to it, and one restored after it completed replays its result
-from it); the driver logs their metrics and ends every run, so early-stopped, failed and
-interrupted trials never stay RUNNING.
+from it), log their own epochs to it and end it when they complete; the driver ends the runs
+of early-stopped, failed and interrupted trials, so none stays RUNNING.
 """
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from kdtune.errors import TrackingError
 DEFAULT_URI = "sqlite:///mlflow.db"
 LOGGED_METRICS = ("epoch", "val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches",
                   "teacher_passes")
+LOGGED_PREFIXES = ("loss_", "val_", "test_")  # loss terms; the `evaluate` function's val_<name> and test_<name>
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
+PHASE_TAG = "kdtune.phase"
+CONFIG_TAG = "kdtune.config"  # the trial's config as JSON
+OPTUNA_TAG = "kdtune.optuna_trial"  # the number of the search trial's Optuna trial
 
 
 def absolute_uri(uri: str | None) -> str:
@@ -55,9 +60,28 @@ def check_reachable(uri: str) -> None:
             raise TrackingError(f"MLflow tracking URI {uri} cannot be reached: {first[:300]}") from None
 
 
+def use_wal(uri: str) -> None:
+    """Put a local sqlite store in write-ahead-log mode (a setting of the file, kept from then on):
+    dozens of trials then write while others read, instead of queueing behind every reader.
+    MLflow's own busy timeout (20 s) covers the writers' short turns."""
+    if uri.startswith("sqlite:///"):
+        with closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     return found.experiment_id if found else client.create_experiment(name)
+
+
+def ui_link(uri: str, exp_id: str) -> str:
+    """Where the MLflow UI shows the experiment's runs. MLflow 3's UI opens every experiment on its
+    GenAI overview unless the page asks for the model-training workflow (`workflowType`); the
+    experiment tag `mlflow.experimentKind` does not change that (MLflow 3.17)."""
+    page = f"/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/") + page
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000{page}"
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict:
@@ -115,6 +139,17 @@ def completed(run) -> bool:
                                              or tags.get("kdtune.reason") == "diverged")
 
 
+def completed_runs(client: MlflowClient, exp_id: str, parent_id: str, phase: str) -> list:
+    """The sweep's child runs of `phase` whose trials completed (see `completed`)."""
+    runs = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{PHASE_TAG}` = '{phase}'",
+                              max_results=50000)
+    return [run for run in runs if completed(run)]
+
+
+def completed_trial_ids(client: MlflowClient, exp_id: str, parent_id: str, phase: str) -> set[str]:
+    return {run.data.tags[TRIAL_TAG] for run in completed_runs(client, exp_id, parent_id, phase)}
+
+
 def final_result(client: MlflowClient, run_id: str) -> dict | None:
     """A completed run's last result rebuilt from its logged metrics, for Tune to record it again
     without rerunning the trial; None when the trial has to train."""
@@ -133,7 +168,8 @@ def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:
     step = int(result.get("epoch", 0))
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-               if (k in LOGGED_METRICS or k.startswith("loss_")) and isinstance(v, (int, float)) and not isinstance(v, bool)]
+               if (k in LOGGED_METRICS or k.startswith(LOGGED_PREFIXES)) and isinstance(v, (int, float))
+               and not isinstance(v, bool)]
     tags = [RunTag("kdtune.params", str(int(result["params"])))] if "params" in result else []
     client.log_batch(run_id, metrics=metrics, tags=tags)
 

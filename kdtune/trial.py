@@ -19,7 +19,10 @@ from torch import nn
 
 from kdtune.data import Splits, batches
 from kdtune.data.augment import Augment
+from kdtune.data.stream import Stream, seed_rngs
+from kdtune.teacher_outputs import DiskOutputs
 from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.evaluation import OnDevice, loader, score
 from kdtune.models import count_params
 from kdtune.models.features import student_params
 from kdtune.models.resolve import build_model
@@ -51,12 +54,41 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y), loss / len(y)
 
 
+def scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate: Optional[Callable] = None) -> dict[str, float]:
+    """A split's metrics by name: kdtune's accuracy and mean cross-entropy (`acc`, `loss`); with the
+    user's `evaluate` function, its metrics, and kdtune's two first unless it returns `acc` itself
+    (every table reads acc, and a second pass over the split is then not needed)."""
+    found = score(model, loader(x, y), evaluate) if evaluate is not None else {}
+    if "acc" not in found:
+        acc, loss = accuracy(model, x, y)
+        found = {"acc": acc, "loss": loss, **found}
+    return found
+
+
+@torch.no_grad()
+def loader_accuracy(model: nn.Module, loader, device) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a model returning Features over a DataLoader of
+    (images, labels): the streamed path's evaluation."""
+    was_training = model.training
+    model.eval()
+    correct, loss, seen = 0, 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x).logits
+        correct += (logits.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        seen += len(y)
+    model.train(was_training)
+    return correct / seen, loss / seen
+
+
 @dataclass
 class SweepData:
     """What every trial shares, computed once per sweep: the splits and the teacher's cached
     train-set targets, the frozen teacher itself for targets too large to cache, the teacher's
-    frozen classifier head for methods that reuse it (one layer, not the teacher's body), and
-    the student factory given to kdtune.run (for `student.arch: python:...`)."""
+    frozen classifier head for methods that reuse it (one layer, not the teacher's body), the
+    student factory given to kdtune.run (for `student.arch: python:...`) and the user's evaluation
+    function (`evaluate`; None: kdtune's accuracy)."""
 
     splits: Splits
     targets: dict[str, torch.Tensor]
@@ -64,6 +96,15 @@ class SweepData:
     student_factory: Optional[Callable] = field(repr=False, default=None)
     per_view: bool = False  # targets hold every augmented view of each image: N x views x ...
     teacher_head: Optional[nn.Module] = field(repr=False, default=None)
+    evaluate: Optional[Callable] = field(repr=False, default=None)
+    # streamed data: the datasets (splits then holds a few probe images of each) and the
+    # teacher's outputs on disk, read by sample index
+    stream: Optional[Stream] = field(repr=False, default=None)
+    outputs: Optional[DiskOutputs] = field(repr=False, default=None)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.stream.train) if self.stream is not None else len(self.splits.train_y)
 
     def __getstate__(self):
         """Tensors travel as numpy arrays: Ray maps those from its object store without a
@@ -82,7 +123,24 @@ class SweepData:
         moved = self.splits.map(lambda t: t.to(device))
         teacher, head = (m.to(device) if m is not None else None for m in (self.teacher, self.teacher_head))
         return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, teacher, self.student_factory,
-                         self.per_view, head)
+                         self.per_view, head, self.evaluate, self.stream, self.outputs)
+
+    def split_scores(self, model: nn.Module, split: str, device) -> dict[str, float]:
+        """`scores` of `model` on the validation or test data ("val" or "test"), resident or
+        streamed. With several named validation sets, `acc`, `loss` and the `evaluate` function's
+        metrics are the first one's, and each set also gives `acc_<name>`."""
+        if self.stream is None:
+            x, y = (self.splits.val_x, self.splits.val_y) if split == "val" else (self.splits.test_x, self.splits.test_y)
+            return scores(model, x, y, self.evaluate)
+        (first, loader_), *others = self.stream.eval_loaders(split, device=device).items()
+        found = score(model, OnDevice(loader_, device), self.evaluate) if self.evaluate is not None else {}
+        if "acc" not in found:
+            acc, loss = loader_accuracy(model, loader_, device)
+            found = {"acc": acc, "loss": loss, **found}
+        if others:
+            found.update({f"acc_{first}": found["acc"],
+                          **{f"acc_{name}": loader_accuracy(model, other, device)[0] for name, other in others}})
+        return found
 
 
 def build_student(spec, data: SweepData) -> nn.Module:
@@ -99,7 +157,9 @@ class TeacherTargets:
 
     def __init__(self, data: SweepData, keys: tuple[str, ...], device):
         self.cached = {k: data.targets[k] for k in keys if k in data.targets}
-        self.live = [k for k in keys if k not in data.targets]
+        self.on_disk = [k for k in keys if data.outputs is not None and k in data.outputs.keys]
+        self.outputs, self.device = data.outputs, device
+        self.live = [k for k in keys if k not in data.targets and k not in self.on_disk]
         self.per_view = data.per_view
         self.teacher = None
         self.live_batches = self.live_samples = 0
@@ -112,6 +172,8 @@ class TeacherTargets:
             out = {k: v[idx, views].float() for k, v in self.cached.items()}
         else:
             out = {k: v.index_select(0, idx) for k, v in self.cached.items()}
+        if self.on_disk:
+            out.update(self.outputs.read(self.on_disk, idx, self.device))
         if self.live:
             self.live_batches += 1
             self.live_samples += len(idx)
@@ -135,6 +197,47 @@ def accumulate_step(loss: torch.Tensor, step: int, steps: int, accumulate: int, 
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+class ResidentBatches:
+    """An epoch over resident tensors: (indices, images, labels) by a seeded permutation."""
+
+    def __init__(self, splits: Splits, order: tuple[torch.Tensor, ...]):
+        self.splits, self.order = splits, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        x, y = self.splits.train_x, self.splits.train_y
+        for idx in self.order:
+            yield idx, x.index_select(0, idx), y.index_select(0, idx)  # 2x faster than [idx] on CPU
+
+
+class StreamedBatches:
+    """An epoch of a streamed training set: (indices, images, labels) moved to the trial's device."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y, idx in self.loader:
+            yield (idx.to(self.device, non_blocking=True), x.to(self.device, non_blocking=True),
+                   y.to(self.device, non_blocking=True))
+
+
+def train_batches(data: SweepData, batch_size: int, generator: torch.Generator, seed: int, epoch: int, device,
+                  ranks: Ranks):
+    """One epoch's training batches of this rank's shard: from resident tensors, or streamed in an
+    order fixed by (seed, epoch)."""
+    if data.stream is None:
+        return ResidentBatches(data.splits, batches(data.train_size, batch_size, generator, device, ranks.rank,
+                                                    ranks.world))
+    return StreamedBatches(data.stream.train_loader(batch_size, seed, epoch, device, ranks.rank, ranks.world),
+                           device)
 
 
 def run_trial(plan: TrialPlan, data: SweepData,
@@ -173,11 +276,13 @@ def run_trial(plan: TrialPlan, data: SweepData,
     student.eval()  # the shape probe must not move batch-norm statistics
     with torch.no_grad():
         distiller = method(student(splits.train_x[probe]), targets(probe, splits.train_x[probe]),
-                           len(splits.train_y), spec.train.ce_weight, label_smoothing=spec.train.label_smoothing,
+                           data.train_size, spec.train.ce_weight, label_smoothing=spec.train.label_smoothing,
                            teacher_head=data.teacher_head, **plan.method_params).to(device)
     targets.live_batches = targets.live_samples = 0
     distiller.gather = ranks.gather  # a method with state (CRD's banks) updates it with every rank's batch
-    epochs, n, accumulate = spec.train.epochs, len(splits.train_y), spec.train.accumulate
+    epochs, n, accumulate = spec.train.epochs, data.train_size, spec.train.accumulate
+    if data.stream is not None:
+        seed_rngs(plan.seed)  # a user's numpy or `random` transform read in this process
     optimizer = make_optimizer(spec.train, [p for m in (student, distiller) for p in m.parameters() if p.requires_grad])
     steps = math.ceil(math.ceil(n / (spec.train.batch_size * ranks.world)) / accumulate)  # optimizer steps an epoch
     schedule = make_schedule(spec.train, optimizer, steps)
@@ -197,9 +302,8 @@ def run_trial(plan: TrialPlan, data: SweepData,
         started = time.time()
         student.train()
         history: dict[str, list[torch.Tensor]] = defaultdict(list)  # summed once per epoch, not per step
-        order = batches(n, spec.train.batch_size, generator, device, ranks.rank, ranks.world)
-        for step, idx in enumerate(order):
-            x, y = splits.train_x.index_select(0, idx), splits.train_y.index_select(0, idx)  # 2x faster than [idx] on CPU
+        order = train_batches(data, spec.train.batch_size, generator, plan.seed, epoch, device, ranks)
+        for step, (idx, x, y) in enumerate(order):
             views = augment.draw(len(idx), generator, device) if augment else None
             if augment:
                 x = augment.apply(x, views)
@@ -224,13 +328,14 @@ def run_trial(plan: TrialPlan, data: SweepData,
                           ranks.mean(torch.stack([torch.stack(v).mean() for v in history.values()])).tolist()))
         diverged = not all(math.isfinite(v) for v in losses.values())
         evaluate = ranks.lead and not diverged
-        val_acc, val_loss = accuracy(student, splits.val_x, splits.val_y) if evaluate else (math.nan, math.nan)
-        metrics = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, **losses, **fixed,
+        val = data.split_scores(student, "val", device) if evaluate else {"acc": math.nan, "loss": math.nan}
+        metrics = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in val.items()}, **losses, **fixed,
                    "epoch_seconds": time.time() - started, "teacher_live_batches": ranks.total(targets.live_batches),
                    "teacher_passes": ranks.total(targets.live_samples) / n,
                    "diverged": diverged, "done": diverged or epoch + 1 == epochs}
-        if epoch + 1 == epochs and evaluate:
-            metrics["test_acc"] = accuracy(student, splits.test_x, splits.test_y)[0]
+        if epoch + 1 == epochs and evaluate:  # no test_loss: the tables report test accuracy, not the loss
+            test = data.split_scores(student, "test", device)
+            metrics.update({f"test_{k}": v for k, v in test.items() if k != "loss"})
         checkpoint_now = not diverged and ((epoch + 1) % spec.train.checkpoint_every == 0 or epoch + 1 == epochs)
 
         def get_state(epoch=epoch):

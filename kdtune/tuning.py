@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import ray
 import torch
 from ray import tune
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdtune import tracking
@@ -54,11 +57,15 @@ def load_state(checkpoint: tune.Checkpoint, device="cpu") -> dict:
         return torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False)
 
 
-def trial_tags(plan, ctx: SweepContext) -> dict:
+def trial_tags(plan, ctx: SweepContext, config: dict) -> dict:
     """Tags the MLflow UI groups and filters trial runs by: phase, method, student and sweep
-    (the parent run). The student's size, `kdtune.params`, follows with the first epoch."""
-    return {"kdtune.phase": ctx.phase, "kdtune.loss": plan.method, "kdtune.student": plan.student,
-            "kdtune.sweep": ctx.parent_run_id}
+    (the parent run). The student's size, `kdtune.params`, follows with the first epoch. The
+    config and the Optuna trial number let a resume rebuild a trial Tune's snapshot missed."""
+    tags = {"kdtune.phase": ctx.phase, "kdtune.loss": plan.method, "kdtune.student": plan.student,
+            "kdtune.sweep": ctx.parent_run_id, tracking.CONFIG_TAG: json.dumps(config, default=str)}
+    if OPTUNA_KEY in config:
+        tags[tracking.OPTUNA_TAG] = str(config[OPTUNA_KEY])
+    return tags
 
 
 def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=None) -> None:
@@ -70,7 +77,7 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
     plan = resolve(spec, config)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_name()  # kdtune's trial id (search.trial_name)
     checkpoint = tune.get_checkpoint()
     state = load_state(checkpoint, device) if checkpoint else None
     client = tracking.client(ctx.tracking_uri)
@@ -78,14 +85,16 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
     if run_id is None:  # a new trial, or one whose run could not be created (tracking server down)
         name = f"{trial_id} {plan.method} {plan.student}"
         run_id = tracking.guarded("create run", tracking.child_run, client, ctx.experiment_id, ctx.parent_run_id,
-                                  trial_id, name, trial_params(plan, config), trial_tags(plan, ctx))
+                                  trial_id, name, trial_params(plan, config), trial_tags(plan, ctx, config))
     final = tracking.guarded("read run", tracking.final_result, client, run_id) if run_id else None
     if run_id and state and final is None:  # reopen the run (an interrupt may have ended it KILLED)
         tracking.guarded("reopen run", client.update_run, run_id, status="RUNNING")
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, get_state) -> None:
-        metrics = {**metrics, "mlflow_run_id": run_id, "node_id": node_id, "trial_id": trial_id}
+        metrics = {**metrics, "mlflow_run_id": run_id, "node_id": node_id, "trial_name": trial_id}  # Tune sets "trial_id" itself
+        if run_id and not metrics.get("replayed"):
+            log_own_result(client, run_id, metrics, spec.train.epochs)
         if get_state is None:
             tune.report(metrics)
             return
@@ -107,6 +116,16 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
             tracking.guarded("system metrics", monitor.finish)
 
 
+def log_own_result(client, run_id: str, metrics: dict, epochs: int) -> None:
+    """The trial's epoch to its run from the trial's own process, off Tune's event loop; a trial
+    that completed (all epochs, or diverged) ends its run itself, before Tune hears of it, so a
+    driver killed at any moment finds the run complete and a resume replays it."""
+    tracking.guarded("log metrics", tracking.log_epoch, client, run_id, metrics)
+    if metrics.get("done"):
+        status, reason = trial_status(metrics, epochs, error=False)
+        tracking.guarded("end run", tracking.end_run, client, run_id, status, reason or None)
+
+
 SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
@@ -125,13 +144,49 @@ def system_metrics(ctx: SweepContext, run_id: str, resumed: bool):
     return monitor
 
 
-class KDOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about trials without full results:
-    a diverged trial is a FAIL and an early-stopped one PRUNED, never an accuracy."""
+OPTUNA_KEY = "optuna_trial"
 
-    def __init__(self, *args, epochs: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._epochs = epochs
+
+@dataclass(frozen=True)
+class NumberedSpace:
+    """The define-by-run space plus the Optuna trial's number in the config, which the trial tags
+    its run with: the link between a run and its Optuna trial that a resume needs."""
+
+    space: Callable[[Any], dict]
+
+    def __call__(self, trial) -> dict:
+        return {**self.space(trial), OPTUNA_KEY: trial.number}
+
+
+class KDOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials without full results (a diverged
+    trial is a FAIL and an early-stopped one PRUNED, never an accuracy), and that counts the trials
+    MLflow holds as completed though Tune's last experiment snapshot never saw them (they started
+    and ended between two snapshots, then the driver was killed): a resumed search samples that
+    many fewer, so the search keeps its size and reruns nothing."""
+
+    def __init__(self, *args, space, epochs: int, total: int, ctx: SweepContext, resume: bool = False, **kwargs):
+        super().__init__(*args, space=NumberedSpace(space), **kwargs)
+        self._epochs, self._total, self._ctx = epochs, total, ctx
+        self._suggested: set[str] = set()  # saved with the searcher in each experiment snapshot
+        self._recovered = self._completed_elsewhere() if resume else set()  # resumed before Tune's first snapshot
+
+    def _completed_elsewhere(self) -> set[str]:
+        """Trial ids of the phase's completed runs that this searcher never suggested."""
+        completed = tracking.guarded("find completed runs", tracking.completed_trial_ids, tracking.client(self._ctx.tracking_uri),
+                                     self._ctx.experiment_id, self._ctx.parent_run_id, self._ctx.phase, default=set())
+        return completed - self._suggested
+
+    def suggest(self, trial_id: str):
+        if trial_id not in self._suggested and len(self._suggested) + len(self._recovered) >= self._total:
+            return Searcher.FINISHED
+        config = super().suggest(trial_id)
+        self._suggested.add(trial_id)
+        return config
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self._recovered = self._completed_elsewhere()
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         if result and result.get("diverged"):
@@ -161,8 +216,10 @@ def trial_status(result: dict | None, epochs: int, error: bool) -> tuple[str, st
 
 
 class TrackingCallback(tune.Callback):
-    """Driver side: logs each result to the trial's child run, ends the run with its status,
-    and prints one progress line per finished trial."""
+    """Driver side, a bounded amount of work per trial and none per epoch (the trials log their
+    own epochs and end their own runs when they complete): ends the run of a trial that the
+    scheduler stopped, that failed or that never reported, and prints one progress line per
+    finished trial."""
 
     def __init__(self, ctx: SweepContext, epochs: int, total: int, objective: str, mode: str, out=sys.stdout):
         self.ctx, self.epochs, self.total = ctx, epochs, total
@@ -181,35 +238,43 @@ class TrackingCallback(tune.Callback):
     def client(self) -> "tracking.MlflowClient":
         return tracking.client(self.ctx.tracking_uri)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not result.get("replayed") and result.get("mlflow_run_id"):  # a replayed result is logged already
-            tracking.guarded("log metrics", tracking.log_epoch, self.client, result["mlflow_run_id"], result)
-
     def _run_id(self, trial) -> str | None:
         if trial.last_result and trial.last_result.get("mlflow_run_id"):
             return trial.last_result["mlflow_run_id"]
         runs = tracking.guarded(
             "find run", self.client.search_runs, [self.ctx.experiment_id],
-            f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.PARENT_TAG}` = '{self.ctx.parent_run_id}'",
+            f"tags.`{tracking.TRIAL_TAG}` = '{trial}' and tags.`{tracking.PARENT_TAG}` = '{self.ctx.parent_run_id}'",
             default=[])
         return runs[0].info.run_id if runs else None
 
     def _finish(self, trial, error: bool, reason: str | None = None):
         status, why = trial_status(trial.last_result, self.epochs, error)
-        run_id = self._run_id(trial)
-        if run_id and not (trial.last_result or {}).get("replayed"):  # a replayed trial's run is ended already
-            tracking.guarded("end run", tracking.end_run, self.client, run_id, status, reason or why or None)
+        last = trial.last_result or {}
+        if error or not (last.get("done") or last.get("replayed")):  # a completed or replayed trial's run is ended
+            run_id = self._run_id(trial)
+            if run_id:
+                tracking.guarded("end run", tracking.end_run, self.client, run_id, status, reason or why or None)
         self.done += 1
-        value = (trial.last_result or {}).get(self.objective)
+        value = last.get(self.objective)
         if status == "FINISHED" and isinstance(value, (int, float)) and not math.isnan(value):
             if self.best is None or self.sign * value > self.sign * self.best[0]:
-                self.best = (value, trial.trial_id)
+                self.best = (value, str(trial))
         best = f"best {self.objective} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no finished trial yet"
         shown = f"{self.objective} {value:.4f}" if isinstance(value, float) else ""
-        print(f"[{self.done}/{self.total}] {trial.trial_id} {status.lower()} {shown} | {best}", file=self.out, flush=True)
+        print(f"[{self.done}/{self.total}] {trial} {status.lower()} {shown} | {best}", file=self.out, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, error=True, reason=error_summary(trial.get_error()))
+        self._finish(trial, error=True, reason=error_summary(trial_error(trial)))
+
+
+def trial_error(trial) -> str | None:
+    """The trial's error trace: Tune writes it to the trial's local folder at once and copies it to
+    the storage path (where `get_error` reads) with the next sync, which Tune's own snapshot period
+    may not have reached yet when the callback runs."""
+    local = trial.error_file
+    if local and Path(local).is_file():
+        return Path(local).read_text()
+    return trial.get_error()

@@ -8,6 +8,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "search_spaces" / "mnist.yaml"
+# --smoke at its former cost, for tests of mechanics rather than accuracy (logging, resuming,
+# clusters): a 5,000-image slice, one epoch each, in batches of 256.
+LIGHT_SMOKE = ["data.train_limit=5000", "teacher.epochs=1", "train.epochs=1", "teacher.batch_size=256",
+               "train.batch_size=256"]
 
 
 @pytest.fixture(scope="session")

@@ -131,7 +131,8 @@ def test_import_paths_through_the_cli(tmp_path, run_cli):
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env_path]))
     try:
         done = run_cli([REPO / "search_spaces" / "custom.yaml", "--smoke", "--set", "search.confirm_seeds=0",
-                        "--set", "search.num_samples=2", "--set", "teacher.epochs=1"], tmp_path)
+                        "--set", "search.num_samples=2", "--set", "teacher.epochs=1", "--set", "train.epochs=1",
+                        "--set", "data.train_limit=5000"], tmp_path)
     finally:
         os.environ.pop("PYTHONPATH") if env_path is None else os.environ.__setitem__("PYTHONPATH", env_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -212,6 +213,11 @@ def pairless():
 
 def bad_items():
     return [(torch.zeros(1, 28, 28), "seven")] * 4, [(torch.zeros(1, 28, 28), 7)] * 4
+
+def loaders_without_labels():
+    from torch.utils.data import DataLoader
+    images = [torch.zeros(1, 28, 28)] * 8
+    return {"train": DataLoader(images, batch_size=4), "test": DataLoader(images, batch_size=4)}
 '''
 
 BAD = {  # id: (--set overrides, key, fragments of the message)
@@ -236,6 +242,11 @@ BAD = {  # id: (--set overrides, key, fragments of the message)
                            ["byo_zoo:pairless() gave a list; expected a (train, test) pair of datasets"]),
     "dataset_items_not_tensor_int": (["data.dataset=byo_zoo:bad_items", "data.val_size=1"], "data.dataset",
                                      ["train[0] is (Tensor, str); each item must be (image tensor, int label)"]),
+    "loader_yields_no_labels": (["data.dataset=byo_zoo:loaders_without_labels"], "data.dataset",
+                                ["the train DataLoader yields Tensor; each batch must be (inputs, labels) tensors"]),
+    "resident_not_auto_or_bool": (["data.resident=sometimes"], "data.resident",
+                                  ["must be auto, true or false (got 'sometimes')"]),
+    "workers_negative": (["data.workers=-1"], "data.workers", ["greater than or equal to 0"]),
 }
 
 

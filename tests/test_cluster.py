@@ -22,6 +22,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import LIGHT_SMOKE
+
 RAY = shutil.which("ray")
 pytestmark = pytest.mark.skipif(RAY is None, reason="needs the `ray` CLI (pip install 'ray[default]')")
 
@@ -29,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "search_spaces" / "mnist.yaml"
 HOST = "127.0.0.1"
 # A smaller slice than --smoke (the teacher trains on it first), and two trials at once on two 1-CPU nodes.
-SMALL = ["data.train_limit=2000", "data.val_size=500", "data.test_limit=500", "resources.cpu=1",
+SMALL = [*LIGHT_SMOKE, "data.train_limit=2000", "data.val_size=500", "data.test_limit=500", "resources.cpu=1",
          "search.max_concurrent=2", "search.num_samples=2", "search.baselines=false", "search.confirm_seeds=0"]
 # Trials of ~20 s (7500 steps), far longer than the two nodes' trial actors start apart (5-10 s under
 # load): Tune (reuse_actors) would else move the second trial onto the first node's actor once it is free.
@@ -87,11 +89,12 @@ class Cluster:
     env: dict = field(default_factory=dict)  # for drivers and clients: the token, but no RAY_AUTH_MODE
     node_ids: set = field(default_factory=set)
     procs: list = field(default_factory=list)
+    cpus: int = 1  # CPU slots each node advertises
 
     def start(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.log", "w")
         node_env = {**self.env, "RAY_AUTH_MODE": "token"}  # every node of a token cluster needs it
-        self.procs.append(subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=1",
+        self.procs.append(subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={self.cpus}",
                                             f"--node-ip-address={HOST}", f"--temp-dir={self.root / name}",
                                             "--object-store-memory=200000000", *args],
                                            env=node_env, stdout=log, stderr=subprocess.STDOUT,
@@ -142,8 +145,8 @@ def wait_for_nodes(cluster: Cluster, count: int, timeout: float = 90) -> set[str
         time.sleep(2)
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def new_cluster(cpus: int = 1) -> Cluster:
+    """A Cluster in a temp dir of its own, with a token of its own."""
     # A short path: Ray's unix sockets live under the temp dirs and must stay under 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="kdtc-", dir="/tmp"))
     token = root / "auth_token"
@@ -151,15 +154,25 @@ def cluster():
     token.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_TOKEN_PATH=str(token), KDTUNE_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1")
-    c = Cluster(root, env=env)
+    return Cluster(root, env=env, cpus=cpus)
+
+
+def start_head(c: Cluster) -> None:
+    gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
+    c.gcs, c.dashboard = f"{HOST}:{gcs}", f"http://{HOST}:{dash}"
+    c.start("head", ["--head", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-host={HOST}",
+                     f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                     f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                     f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"])
+    wait_for_nodes(c, 1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = new_cluster()
+    root = c.root
     try:
-        gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
-        c.gcs, c.dashboard = f"{HOST}:{gcs}", f"http://{HOST}:{dash}"
-        c.start("head", ["--head", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-host={HOST}",
-                         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"])
-        wait_for_nodes(c, 1)
+        start_head(c)
         agent_http, agent_grpc, runtime_env, metrics = free_ports(4)
         c.start("worker", [f"--address={c.gcs}", f"--dashboard-agent-listen-port={agent_http}",
                            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",

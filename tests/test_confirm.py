@@ -3,7 +3,8 @@ import math
 
 import pandas as pd
 
-from kdtune.confirm import candidates, gain_table
+from kdtune.confirm import candidates, confirmed_means, gain_table
+from kdtune.results import kd_gain_table
 
 OBJECTIVES = [("val_acc", "max"), ("params", "min")]
 
@@ -52,3 +53,27 @@ def test_gain_is_paired_by_seed_with_a_t_interval():
     assert math.isclose(row["gain"], mean) and math.isclose(row["ci95_low"], mean - half)
     assert math.isclose(row["ci95_high"], mean + half)
     assert (row["method"], row["seeds"], row["verdict"]) == ("kd", 3, "gain")
+
+
+# An `evaluate` metric as the first objective: where val_f1 and val_acc disagree, val_f1 decides.
+F1_OBJECTIVES = [("val_f1", "max"), ("params", "min")]
+F1_TRIALS = pd.DataFrame([
+    {**search_trial("g4-none", "none", "gapnet", 4, 1546, 0.975), "val_f1": 0.90, "test_f1": 0.91},
+    {**search_trial("g4-kd", "kd", "gapnet", 4, 1546, 0.980), "val_f1": 0.93, "test_f1": 0.92},
+    {**search_trial("g4-crd", "crd", "gapnet", 4, 1546, 0.985), "val_f1": 0.92, "test_f1": 0.95},
+])
+
+
+def test_an_evaluate_metric_as_first_objective_chooses_the_trials_and_measures_the_gain():
+    picks = candidates(F1_TRIALS, F1_OBJECTIVES)
+    assert sorted(picks["trial_id"]) == ["g4-kd", "g4-none"]  # on val_acc it would be g4-crd
+    [row] = kd_gain_table(F1_TRIALS, F1_OBJECTIVES).to_dict("records")
+    assert (row["best_method"], row["baseline_val_f1"], row["kd_test_f1"]) == ("kd", 0.90, 0.92)
+    assert math.isclose(row["test_gain"], 0.92 - 0.91)
+    runs = pd.DataFrame([{"source_trial": tid, "seed": seed, "val_acc": 0.9, "test_acc": 0.9, "val_f1": f1 - 0.01,
+                          "test_f1": f1, "status": "FINISHED", "phase": "confirm"}
+                         for tid, f1s in (("g4-none", (0.90, 0.91)), ("g4-kd", (0.93, 0.95))) for seed, f1 in zip((1, 2), f1s)])
+    [gain] = gain_table(runs, picks, F1_OBJECTIVES).to_dict("records")
+    assert math.isclose(gain["gain"], 0.035) and math.isclose(gain["kd_test_f1"], 0.94)
+    means = confirmed_means(runs, picks).set_index("source_trial")
+    assert math.isclose(means.loc["g4-kd", "val_f1"], 0.93) and math.isclose(means.loc["g4-none", "test_f1"], 0.905)

@@ -83,6 +83,14 @@ def epoch_result(epoch: int, last: bool, diverged: bool = False) -> dict:
     return {**result, "test_acc": 0.6} if last and not diverged else result
 
 
+class NamedTrial(SimpleNamespace):
+    """The Trial a callback gets, as far as TrackingCallback reads it: str() is its name (Tune's
+    TuneConfig.trial_name_creator), here its id, as kdtune names search trials."""
+
+    def __str__(self) -> str:
+        return self.trial_id
+
+
 @pytest.mark.parametrize("status, reason, epochs, last, diverged", [
     ("FINISHED", None, 8, True, False),
     ("STOPPED", "early-stopped by the scheduler", 2, False, False),
@@ -105,7 +113,7 @@ def test_a_trial_restored_after_it_completed_replays_its_result_and_leaves_its_r
 
     callback = TrackingCallback(ctx, epochs=8, total=1, objective="val_acc", mode="max", out=io.StringIO())
     replayed = {**final, "replayed": True, "mlflow_run_id": run_id, "trial_id": "t1"}
-    trial = SimpleNamespace(trial_id="t1", last_result=replayed)
+    trial = NamedTrial(trial_id="t1", last_result=replayed)
     callback.on_trial_result(1, [trial], trial, replayed)
     callback.on_trial_complete(1, [trial], trial)
     assert callback.out.getvalue().startswith(f"[1/1] t1 {status.lower()}")

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SPEC
+from conftest import LIGHT_SMOKE, SPEC
 
 HOST = "127.0.0.1"
 MLFLOW = shutil.which("mlflow")
@@ -36,14 +36,15 @@ class Server:
     """`mlflow server` in its own process group; stop() kills that group (its uvicorn worker and
     job runner), found by the PID this test started."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend: str | None = None):
         self.root, self.port, self.proc = root, free_port(), None
+        self.backend = backend or f"sqlite:///{root / 'server.db'}"
         self.uri = f"http://{HOST}:{self.port}"
 
     def start(self, timeout: float = 120) -> None:
         log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--serve-artifacts",
+            [MLFLOW, "server", "--backend-store-uri", self.backend, "--serve-artifacts",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", HOST, "--port", str(self.port),
              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
         log.close()
@@ -79,8 +80,9 @@ def server(tmp_path_factory):
 
 
 def sweep_command(cwd: Path, uri: str, mnist_root: Path, *extra: str) -> list[str]:
+    light = [a for s in LIGHT_SMOKE for a in ("--set", s)]
     return [sys.executable, "-m", "kdtune.sweep", str(SPEC), "--smoke", "--results-dir", str(cwd / "results"),
-            "--tracking-uri", uri, "--set", f"data.root={mnist_root}", *extra]
+            "--tracking-uri", uri, "--set", f"data.root={mnist_root}", *light, *extra]
 
 
 def env(teacher_cache: Path, **more) -> dict:

@@ -241,16 +241,17 @@ def test_defaults_of_a_minimal_spec(tmp_path):
     path.write_text("name: only-name\n")
     spec = load_spec(path)
     assert spec.seed == 0
-    assert spec.data.model_dump() == {"dataset": "mnist", "root": "data", "download": False, "val_size": 5000,
-                                      "train_limit": None, "test_limit": None, "num_classes": None,
-                                      "augment": {"crop": 0, "flip": False}}
+    assert spec.data.model_dump() == {"dataset": "mnist", "kwargs": {}, "root": "data", "download": False,
+                                      "val_size": 5000, "train_limit": None, "test_limit": None, "num_classes": None,
+                                      "augment": {"crop": 0, "flip": False}, "resident": "auto", "resident_mb": None,
+                                      "workers": 0, "prefetch": 2}
     assert spec.teacher.model_dump() == {"arch": "mnist_cnn", "kwargs": {}, "features": None, "checkpoint": None,
                                          "epochs": 3, "lr": 1.0, "batch_size": 64, "optimizer": "adadelta",
                                          "momentum": 0.9, "weight_decay": 0.0,
                                          "schedule": {"type": "step", "warmup_epochs": 0,
                                                       "milestones": [1, 2, 3, 4, 5], "gamma": 0.7},
                                          "augment": {"crop": 0, "flip": False}, "cache_dir": None,
-                                         "feature_cache_mb": 1024, "cache": "auto", "cache_mb": 4096}
+                                         "feature_cache_mb": 1024, "cache": "auto", "cache_mb": 4096, "topk": None}
     assert spec.student.model_dump() == {"arch": "mlp", "kwargs": {}, "features": None, "width": None}
     assert spec.train.model_dump() == {"epochs": 5, "batch_size": 128, "optimizer": "adam", "lr": 0.001,
                                        "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,

@@ -2,6 +2,7 @@
 MLflow (sqlite) and a real MNIST slice, checked through its files and its MLflow runs."""
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -42,18 +43,21 @@ def test_result_files_and_terminal_tables(smoke):
     assert (search["width"] == search["mlp.width"].fillna(search["gapnet.width"])).all()  # the chosen arch's width
     # a parameter is blank where it does not apply
     assert search[search["loss"] != "kd"]["kd.temperature"].isna().all()
-    assert (search["status"] == "FINISHED").all() and (search["epochs"] == 1).all()
+    assert (search["status"] == "FINISHED").all() and (search["epochs"] == 2).all()
     assert (search["val_acc"] > 0.05).all() and (search[search["student.arch"] == "mlp"]["val_acc"] > 0.5).all()
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = smoke["summary"]
     assert {"spec", "versions", "teacher", "wall_seconds", "front", "kd_gain"} <= set(summary)
-    assert summary["spec"]["data"]["train_limit"] == 5000 and summary["versions"]["torch"]
+    assert summary["spec"]["data"]["train_limit"] == 12000 and summary["versions"]["torch"]
     assert 0.1 < summary["teacher"]["test_acc"] <= 1 and summary["teacher"]["params"] == 72_666
     assert summary["teacher"]["source"] in ("trained", "cached") and summary["teacher"]["recipe"]["optimizer"] == "adamw"
     gap = summary["teacher_gap"]
     assert gap["teacher_test_acc"] == summary["teacher"]["test_acc"]
     assert gap["best_baseline_test_acc"] == pytest.approx(max(
         search[search["loss"] == "none"]["test_acc"].max(), *[row["baseline_test_acc"] for row in summary["kd_gain"]]))
+    experiment = smoke["client"].get_experiment_by_name("mnist-kd").experiment_id  # the UI's model-training page
+    assert (f"runs in the MLflow UI: mlflow ui --backend-store-uri sqlite:///{smoke['out'].parents[1] / 'mlflow.db'}, "
+            f"then http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning") in smoke["stdout"]
     assert "teacher test_acc" in smoke["stdout"]
     assert "Pareto-optimal students" in smoke["stdout"] and "KD gain" in smoke["stdout"]
 
@@ -73,7 +77,7 @@ def test_mlflow_parent_and_child_runs(smoke):
     for run in children:
         assert {"val_acc", "test_acc", "params", "extra_params", "loss_ce"} <= set(run.data.metrics)
         assert {"loss", "width", "student.arch"} <= set(run.data.params)
-        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1  # one per epoch
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2  # one per epoch
     for run in children:  # the tags the MLflow UI groups runs by
         row = trials[trials["mlflow_run_id"] == run.info.run_id].iloc[0]
         tags = run.data.tags
@@ -81,11 +85,36 @@ def test_mlflow_parent_and_child_runs(smoke):
             row["loss"], row["student"], parent.info.run_id)
         assert int(tags["kdtune.params"]) == int(run.data.metrics["params"]) == row["params"]
     for run_id in trials[trials["phase"] == "confirm"]["mlflow_run_id"]:  # confirmation students are models
-        assert client.get_run(run_id).data.tags["kdtune.model_uri"].startswith("models:/")
+        uri = client.get_run(run_id).data.tags["kdtune.model_uri"]
+        model = client.get_logged_model(uri.removeprefix("models:/"))  # in the sweep's experiment, where the UI looks
+        assert (model.source_run_id, model.experiment_id) == (run_id, parent.info.experiment_id)
     assert {"report/report.html", "report/pareto.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     kd_like = [r for r in children if r.data.params["loss"] in ("kd", "fitnet", "rkd", "crd")]
     for run in kd_like:  # each method's own loss terms are logged next to CE
         assert len([m for m in run.data.metrics if m.startswith("loss_")]) >= 2
+
+
+def test_smoke_answers_the_question(smoke):
+    """--smoke still trains: the teacher clearly ahead of every student on the front, each of them
+    far above chance (10%), and no warning against those numbers."""
+    front, summary = pd.read_csv(smoke["out"] / "pareto.csv"), smoke["summary"]
+    teacher = summary["teacher"]["test_acc"]
+    assert len(front) >= 1 and (front["test_acc"] > 0.85).all()
+    assert (teacher > front["test_acc"]).all() and teacher >= summary["teacher_gap"]["best_baseline_test_acc"] + 0.005
+    assert summary["teacher_gap"]["warning"] is None and "WARNING" not in smoke["stdout"]
+
+
+def test_one_kind_of_trial_id_in_terminal_csv_and_run_names(smoke):
+    trials, runs, stdout = smoke["trials"], smoke["runs"], smoke["stdout"]
+    assert set(trials["phase"]) == {"search", "confirm"}
+    assert trials["trial_id"].str.fullmatch(r"[0-9a-f]{8}").all() and trials["trial_id"].is_unique
+    printed = re.findall(r"^\[\d+/\d+\] (\S+) ", stdout, flags=re.M)
+    assert sorted(printed) == sorted(trials["trial_id"])
+    by_run = trials.set_index("mlflow_run_id")
+    for run in (r for r in runs if "mlflow.parentRunId" in r.data.tags):
+        row = by_run.loc[run.info.run_id]
+        assert run.data.tags["kdtune.trial_id"] == row["trial_id"]
+        assert run.info.run_name == f"{row['trial_id']} {row['loss']} {row['student']}"
 
 
 def test_teacher_outputs_computed_once_per_split(smoke):
@@ -153,14 +182,17 @@ def test_a_space_naming_every_method_runs_each_of_them(tmp_path, run_cli):
 
 
 def test_a_weak_teacher_is_flagged(tmp_path, run_cli):
-    """A teacher no better than its students has little to teach: the summary and terminal say so."""
+    """A teacher below its students cannot teach them: the summary and terminal say so, with its numbers."""
     done = run_cli([REPO / "search_spaces" / "mnist-mlp.yaml", "--smoke", "--set", "teacher.lr=0.00001",
-                    "--set", "search.confirm_seeds=0", "--set", "search.num_samples=1",
-                    "--set", "search.space.width={choice: [64]}"], tmp_path)
+                    "--set", "teacher.epochs=1", "--set", "data.train_limit=5000", "--set", "search.confirm_seeds=0",
+                    "--set", "search.num_samples=1", "--set", "search.space.width={choice: [64]}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "mnist-mlp" / "summary.json").read_text())
     gap = summary["teacher_gap"]
-    assert gap["teacher_test_acc"] < gap["best_baseline_test_acc"] + 0.005
-    assert "little to teach" in gap["warning"] and f"WARNING: {gap['warning']}" in done.stdout
+    teacher, best = gap["teacher_test_acc"], gap["best_baseline_test_acc"]
+    assert teacher < best - 0.005
+    assert gap["warning"].startswith(f"the teacher ({teacher:.2%}) is {(best - teacher) * 100:.2f} points below "
+                                     f"the best baseline student ({best:.2%}): it cannot teach it")
+    assert f"WARNING: {gap['warning']}" in done.stdout
     front = pd.read_csv(tmp_path / "results" / "mnist-mlp" / "pareto.csv")
     assert front["teacher_gap"].tolist() == pytest.approx((gap["teacher_test_acc"] - front["test_acc"]).tolist())

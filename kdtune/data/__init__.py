@@ -1,12 +1,12 @@
 """Datasets as normalised tensors: built-ins (one module each, registered on import), import
-paths and in-memory pairs, resolved in kdtune.data.resolve."""
+paths and in-memory pairs, resolved in kdtune.data.resolve; or streamed (kdtune.data.stream)."""
 import importlib
 import pkgutil
 
 from kdtune.data.base import DATASETS, BuiltinDataset, register_dataset
 from kdtune.data.splits import Splits, batches
 
-NOT_DATASETS = {"base", "splits", "resolve", "augment"}
+NOT_DATASETS = {"base", "splits", "resolve", "augment", "stream", "imagefolder"}
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in NOT_DATASETS:

@@ -47,15 +47,21 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
 def split(train_x, train_y, test_x, test_y, val_size: int, seed: int, train_limit: Optional[int] = None,
           test_limit: Optional[int] = None, num_classes: Optional[int] = None, mean=None, std=None) -> Splits:
     """The first `train_limit` training examples, split by a seeded permutation into train and val."""
-    n = min(train_limit or len(train_y), len(train_y))
-    if val_size >= n:
-        raise DataError(f"data.val_size ({val_size}) must be below the number of training examples used ({n})")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    train_idx, val_idx = order[val_size:].sort().values, order[:val_size].sort().values
+    train_idx, val_idx = split_indices(len(train_y), val_size, seed, train_limit)
     m = min(test_limit or len(test_y), len(test_y))
     classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     return Splits(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
                   test_x[:m], test_y[:m], classes, mean, std)
+
+
+def split_indices(total: int, val_size: int, seed: int, train_limit: Optional[int] = None):
+    """(train indices, val indices), sorted: the first `train_limit` of `total` training examples
+    split by a seeded permutation, the same for resident tensors and streamed datasets."""
+    n = min(train_limit or total, total)
+    if val_size >= n:
+        raise DataError(f"data.val_size ({val_size}) must be below the number of training examples used ({n})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device="cpu", rank: int = 0, world: int = 1):

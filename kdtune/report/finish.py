@@ -102,7 +102,8 @@ def _reconcile_one(client, exp_id: str, parent_id: str, row: pd.Series, found: l
                 "kdtune.sweep": parent_id, "kdtune.reconciled": "created"}
         if _present(row.get("params")):
             tags["kdtune.params"] = str(int(row["params"]))
-        params = {k: v for k, v in row.items() if k not in NOT_PARAMS and _present(v)}
+        evaluated = set(results.evaluation_columns(row.index))
+        params = {k: v for k, v in row.items() if k not in NOT_PARAMS | evaluated and _present(v)}
         run_id = tracking.child_run(client, exp_id, parent_id, row["trial_id"],
                                     f"{row['trial_id']} {row['loss']} {row['student']}", params, tags)
         keep = client.get_run(run_id)
@@ -112,7 +113,8 @@ def _reconcile_one(client, exp_id: str, parent_id: str, row: pd.Series, found: l
             client.delete_run(duplicate.info.run_id)
     epoch = int(row["epochs"]) if _present(row.get("epochs")) else 0
     now = int(time.time() * 1000)
-    lacking = [Metric(metric, float(row[column]), now, epoch) for column, metric in FINAL_METRICS.items()
+    final = {**FINAL_METRICS, **{c: c for c in results.evaluation_columns(row.index)}}
+    lacking = [Metric(metric, float(row[column]), now, epoch) for column, metric in final.items()
                if _present(row.get(column)) and not _same(keep.data.metrics.get(metric), float(row[column]))]
     if lacking:
         client.log_batch(run_id, metrics=lacking)

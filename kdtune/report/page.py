@@ -119,6 +119,7 @@ def write_page(path, title: str, subtitle: str, trials: pd.DataFrame, front: pd.
         plots_par = "<p class='note'>no finished trial</p>"
     confirmed = "test_acc_std" in front.columns
     front_cols = (["loss"] + results.method_columns(front) + ["student", "params", "val_acc", "test_acc"]
+                  + results.evaluation_columns(front.columns)
                   + (["test_acc_std", "seeds", "source_trial"] if confirmed else []) + ["trial_id", "basis", "sweep_name"])
     trial_cols = [c for c in trials.columns if c not in ("node_id", "sweep", "model_uri")]
     parts = [

@@ -85,6 +85,7 @@ def load(uri: str, experiment: str, sweep: str | None = None):
 
 def _trials(children: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     rows = []
+    evaluated = results.evaluation_columns(c.removeprefix("metrics.") for c in children.columns if c.startswith("metrics."))
     children = children.assign(_phase=children.get("tags.kdtune.phase", pd.Series(dtype=object)).map(PHASES))
     for _, run in children.sort_values(["_phase", "start_time"]).iterrows():
         def get(key, default=None):
@@ -102,7 +103,8 @@ def _trials(children: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
                     "epochs": get("metrics.epoch"), "teacher_passes": get("metrics.teacher_passes"),
                     "status": get("tags.kdtune.status", run["status"]),
                     "reason": get("tags.kdtune.reason", ""), "mlflow_run_id": run["run_id"], "node_id": None,
-                    "model_uri": get("tags.kdtune.model_uri")})
+                    "model_uri": get("tags.kdtune.model_uri"),
+                    **{name: get(f"metrics.{name}") for name in evaluated}})
         rows.append(row)
     frame = results.trials_frame(rows, columns)
     frame["model_uri"] = [r["model_uri"] for r in rows]
@@ -110,7 +112,7 @@ def _trials(children: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         if not pd.api.types.is_numeric_dtype(frame[column]) and column not in (
                 "trial_id", "student", "mlflow_run_id", "source_trial", "reason", "model_uri", "sweep", "sweep_name"):
             frame[column] = _numeric(frame[column])
-    for column in ("params", "extra_params", "val_acc", "test_acc", "epochs", "teacher_passes"):
+    for column in ["params", "extra_params", "val_acc", "test_acc", "epochs", "teacher_passes"] + evaluated:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     frame["width"] = pd.to_numeric(frame["width"], errors="coerce").astype("Int64")
     return frame
