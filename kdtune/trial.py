@@ -268,7 +268,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
     torch.manual_seed(plan.seed)
     generator = torch.Generator().manual_seed(plan.seed)
     splits = data.splits
-    student = to_device(student if student is not None else build_student(spec, data), device)
+    student = ranks.sync_batch_norm(to_device(student if student is not None else build_student(spec, data), device))
     augment = Augment.of(spec.data.augment, splits)
     method = METHODS[plan.method]
     targets = TeacherTargets(data, method.teacher_keys, device)
