@@ -8,8 +8,8 @@ both sweeps join with `--address`.
 For each slot count and each N, in one run on the same head: kdtune's CLI
 (`python -m kdtune.sweep ... --address`, tiny trials: MLP students, 512 training images, 1 epoch,
 `confirm_seeds: 0`, no baselines, MLflow in a fresh sqlite file) and the hand-written sweep
-(`python benchmarks/scale.py --hand-written ...`: Tune's Tuner with OptunaSearch (TPE) over the same
-kind of space, a function trainable training the same MLP on the same 512 images and reporting
+(`python benchmarks/scale.py --hand-written ...`: Tune's Tuner with OptunaSearch (TPE, kdtune's two objectives)
+over the same kind of space, a function trainable training the same MLP on the same 512 images and reporting
 each epoch with a checkpoint, `reuse_actors=True`, no MLflow). Each driver runs as a child
 process: its wall time and CPU time (user + system, from `wait4`) are measured. The slopes are the
 driver CPU per added trial between the sizes, so start-up (imports, teacher, report) cancels out.
@@ -83,19 +83,23 @@ def train_mlp(config: dict, data: tuple) -> None:
             optimizer.step()
         with torch.no_grad():
             accuracy = (model(vx).argmax(1) == vy).float().mean().item()
+        params = sum(p.numel() for p in model.parameters())
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(folder) / "state.pt")
-            tune.report({"val_acc": accuracy, "epoch": epoch + 1}, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({"val_acc": accuracy, "params": params, "epoch": epoch + 1},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def mlp_space(trial) -> None:
-    """The hand-written define-by-run space (module level: Tune pickles the searcher)."""
+    """The hand-written define-by-run space, kdtune's below (module level: Tune pickles the searcher)."""
     trial.suggest_categorical("width", [16, 32, 64])
     trial.suggest_float("lr", 0.01, 0.05, log=True)
+    trial.suggest_categorical("loss", ["none", "kd"])
 
 
 def hand_written(args) -> None:
-    """What a user writes with Tune and Optuna alone: no tracking, a checkpoint per epoch."""
+    """What a user writes with Tune and Optuna alone: no tracking, a checkpoint per epoch, the same
+    two objectives as kdtune's search (accuracy up, size down) in Optuna's in-memory study."""
     import optuna
     import ray
     from ray import tune
@@ -108,7 +112,8 @@ def hand_written(args) -> None:
     splits = load_splits(validate(kdtune_spec(args.data_root, args.n, args.concurrent)).data, 0)
     ray.init(address=args.address, log_to_driver=False)
     data = (splits.train_x, splits.train_y, splits.val_x, splits.val_y)
-    searcher = OptunaSearch(space=mlp_space, metric="val_acc", mode="max", sampler=optuna.samplers.TPESampler(seed=0))
+    searcher = OptunaSearch(space=mlp_space, metric=["val_acc", "params"], mode=["max", "min"],
+                            sampler=optuna.samplers.TPESampler(seed=0))
     tuner = tune.Tuner(tune.with_resources(tune.with_parameters(train_mlp, data=data), {"cpu": 1}),
                        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=args.n,
                                                    max_concurrent_trials=args.concurrent, reuse_actors=True),

@@ -35,9 +35,23 @@ def user_modules(import_paths: Iterable[str]) -> list[str]:
     return found
 
 
+def use_token_auth() -> None:
+    """Token auth (Ray >= 2.52): `ray start --head` turns it on when a token is at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but ray.init(address=...) sends the token only with
+    RAY_AUTH_MODE=token. Do as the head does unless RAY_AUTH_MODE is set (e.g. disabled); a cluster
+    without auth ignores the token. Ray reads the setting when it is imported: a process that imported
+    Ray before (a notebook) sets RAY_AUTH_MODE=token itself."""
+    has_token = (bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+                 or (Path.home() / ".ray" / "auth_token").is_file())
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def init_ray(address: Optional[str], py_modules: list[str] = ()):
     """Join `address`, or start a private local Ray in kdtune's own temp dir (never attach by accident).
     Returns that temp dir (None when joining), for the caller to remove."""
+    if address:
+        use_token_auth()
     import ray
 
     runtime_env = {"py_modules": list(py_modules)} if py_modules else None
@@ -51,15 +65,6 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
-        # Token auth (Ray >= 2.52): `ray start --head` turns it on when a token is at hand (RAY_AUTH_TOKEN,
-        # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but ray.init(address=...) sends the token only with
-        # RAY_AUTH_MODE=token. Do as the head does unless RAY_AUTH_MODE is set (e.g. disabled); a cluster
-        # without auth ignores the token.
-        has_token = (bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
-                     or (Path.home() / ".ray" / "auth_token").is_file())
-        if has_token and "RAY_AUTH_MODE" not in os.environ:
-            os.environ["RAY_AUTH_MODE"] = "token"
-            ray._raylet.Config.initialize("")  # ray is imported already: make it re-read RAY_AUTH_MODE
         ray.init(address=address, runtime_env=runtime_env, **quiet)
         return None
     temp_dir = tempfile.mkdtemp(prefix="kdtune-ray-", dir="/tmp")

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import pandas as pd
 from torch import nn
 
-from kdtune import confirm, evaluation, results, tracking
+from kdtune import confirm, evaluation, results, study, tracking
 from kdtune.cluster import init_ray, user_modules
 from kdtune.data.resolve import load_data
 from kdtune.errors import SpecError, TrackingError
@@ -223,8 +223,9 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         storage = _storage(spec, results_dir, storage)
         parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
         log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
-        optuna_url, study = finish.optuna_study(spec, out_dir, parent_id)
-        finish.tag_parent(client, parent_id, optuna_url, study)
+        optuna_url, study_name = finish.optuna_study(spec, out_dir, parent_id)
+        study.create(optuna_url, study_name, spec)
+        finish.tag_parent(client, parent_id, optuna_url, study_name)
     except BaseException:
         if spec.resources.workers > 1:
             _stop_ray(temp_dir)
@@ -237,7 +238,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         _ship_by_value(teacher, student, evaluate, *given_datasets(data))
         from kdtune.tuning import SweepContext
 
-        ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study)
+        ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study_name)
         trials, students, interrupted = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
         trials, missing = finish.reconcile(client, exp_id, parent_id, trials)
         interrupted = interrupted or bool((trials["status"] == "KILLED").any())
@@ -247,7 +248,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
             "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
-            "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study}})
+            "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study_name}})
         missing += finish.at_sweep_end(spec, spec_dict, trials, front, data_, students, teacher_info["test_acc"],
                                        out_dir, client, uri, parent_id, interrupted)
         log(f"runs in the MLflow UI: {tracking.ui_link(uri, exp_id)}")
@@ -320,12 +321,12 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
     (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student; and
     whether a phase ended short of its trials (interrupted)."""
-    from kdtune.search import (collect, fail_lost_trials, recovered_runs, recovered_students, run_confirm, run_search,
-                               search_size, tell_recovered, trained)
+    from kdtune.search import (collect, recovered_runs, recovered_students, run_confirm, run_search, search_size,
+                               trained)
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
-    lost = recovered_runs(grid, ctx)
+    lost = recovered_runs(grid, ctx) if resume else []  # only a killed driver's snapshot can miss a trial
     if lost:
         log(f"{len(lost)} trial(s) that ended after Tune's last snapshot before a driver kill recovered from MLflow")
     trials = collect(grid, columns, spec, "search", _ended(client, ctx), lost)
@@ -333,10 +334,6 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     students.update({("search", tid): found for tid, found in recovered_students(lost, f"{storage}/search").items()})
     if len(trials) < search_size(spec, space) or (trials["status"] == "KILLED").any():
         return trials, students, True
-    if ctx.optuna_storage and lost:
-        tell_recovered(ctx, lost, [m for m, _ in objectives(spec)])
-    if ctx.optuna_storage and (failed := fail_lost_trials(ctx)):
-        log(f"Optuna: {failed} trial(s) asked for just before a driver kill marked FAIL (sampled anew on resume)")
     if spec.search.confirm_seeds == 0:
         return trials, students, False
     picks = confirm.candidates(trials, objectives(spec))

@@ -14,7 +14,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from kdtune import results, tracking
 from kdtune.space import SearchSpace, resolve
-from kdtune.tuning import (OPTUNA_KEY, KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable,
+from kdtune.tuning import (KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable,
                            trial_status)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -88,17 +88,6 @@ def search_size(spec, space: SearchSpace) -> int:
     return spec.search.num_samples + len(_baselines(spec, space))
 
 
-def fail_lost_trials(ctx: SweepContext) -> int:
-    """Mark FAIL the Optuna trials still RUNNING when the search is complete: each was asked for
-    after Tune's last snapshot before a driver kill and had not completed, and the resumed search
-    sampled another in its place."""
-    study = optuna.load_study(study_name=ctx.optuna_study, storage=ctx.optuna_storage)
-    lost = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for trial in lost:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return len(lost)
-
-
 def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, resume: bool):
     """The Optuna search through Ray Tune; with `resume`, the interrupted one continues."""
     path = f"{storage}/search"
@@ -111,9 +100,7 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
                               mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,
                               sampler=SAMPLERS[spec.search.sampler](seed=spec.seed), epochs=spec.train.epochs,
-                              total=total, ctx=ctx, resume=resume,
-                              storage=optuna.storages.RDBStorage(ctx.optuna_storage) if ctx.optuna_storage else None,
-                              study_name=ctx.optuna_study)
+                              total=total, ctx=ctx, resume=resume)
     accuracy = _accuracy_objective(spec)
     scheduler = None
     if spec.search.scheduler:
@@ -143,11 +130,9 @@ def run_confirm(spec, data, ctx: SweepContext, storage: str, points: list[dict],
 
 
 def _config(config: dict | None) -> dict:
-    """A trial's flat config: a confirmation run's point, without the Optuna trial number."""
+    """A trial's flat config: a confirmation run's point."""
     config = dict(config or {})
-    config = dict(config.get("point", config))
-    config.pop(OPTUNA_KEY, None)
-    return config
+    return dict(config.get("point", config))
 
 
 def newest_checkpoint(folder) -> "tune.Checkpoint | None":
@@ -195,25 +180,6 @@ def recovered_students(runs: list, folder: str) -> dict[str, tuple[dict, "tune.C
         trial_folder = next(Path(folder).glob(f"{trial_id}_*"), None) if Path(folder).is_dir() else None
         found[trial_id] = (recovered_config(run), newest_checkpoint(trial_folder))
     return found
-
-
-def tell_recovered(ctx: SweepContext, runs: list, objectives: list[str]) -> int:
-    """Tell Optuna the outcome of recovered trials whose Optuna trial is still RUNNING (the driver
-    was killed after the trial ended its run, before Tune's searcher heard of it)."""
-    study = optuna.load_study(study_name=ctx.optuna_study, storage=ctx.optuna_storage)
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-    told = 0
-    for run in runs:
-        number = int(run.data.tags.get(tracking.OPTUNA_TAG, -1))
-        if number not in running:
-            continue
-        status = run.data.tags["kdtune.status"]
-        if status == "FINISHED":
-            study.tell(number, [run.data.metrics[metric] for metric in objectives])
-        else:
-            study.tell(number, state=optuna.trial.TrialState.PRUNED if status == "STOPPED" else optuna.trial.TrialState.FAIL)
-        told += 1
-    return told
 
 
 def _row(spec, phase: str, trial_id: str, config: dict, metrics: dict, status: str, reason: str) -> dict:

@@ -28,7 +28,6 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
 PHASE_TAG = "kdtune.phase"
 CONFIG_TAG = "kdtune.config"  # the trial's config as JSON
-OPTUNA_TAG = "kdtune.optuna_trial"  # the number of the search trial's Optuna trial
 
 
 def absolute_uri(uri: str | None) -> str:

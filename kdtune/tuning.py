@@ -8,7 +8,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import ray
 import torch
@@ -16,7 +15,7 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from kdtune import tracking
+from kdtune import study, tracking
 from kdtune.space import resolve
 from kdtune.spec import Spec
 from kdtune.trial import SweepData, run_trial
@@ -61,11 +60,8 @@ def trial_tags(plan, ctx: SweepContext, config: dict) -> dict:
     """Tags the MLflow UI groups and filters trial runs by: phase, method, student and sweep
     (the parent run). The student's size, `kdtune.params`, follows with the first epoch. The
     config and the Optuna trial number let a resume rebuild a trial Tune's snapshot missed."""
-    tags = {"kdtune.phase": ctx.phase, "kdtune.loss": plan.method, "kdtune.student": plan.student,
+    return {"kdtune.phase": ctx.phase, "kdtune.loss": plan.method, "kdtune.student": plan.student,
             "kdtune.sweep": ctx.parent_run_id, tracking.CONFIG_TAG: json.dumps(config, default=str)}
-    if OPTUNA_KEY in config:
-        tags[tracking.OPTUNA_TAG] = str(config[OPTUNA_KEY])
-    return tags
 
 
 def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=None) -> None:
@@ -95,6 +91,8 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
         metrics = {**metrics, "mlflow_run_id": run_id, "node_id": node_id, "trial_name": trial_id}  # Tune sets "trial_id" itself
         if run_id and not metrics.get("replayed"):
             log_own_result(client, run_id, metrics, spec.train.epochs)
+        if metrics.get("done") and ctx.phase == "search":
+            record_own_outcome(ctx, spec, trial_id, config, metrics)
         if get_state is None:
             tune.report(metrics)
             return
@@ -114,6 +112,26 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
     finally:
         if monitor is not None:
             tracking.guarded("system metrics", monitor.finish)
+
+
+def record_own_outcome(ctx: SweepContext, spec: Spec, trial_id: str, config: dict, metrics: dict) -> None:
+    """The completed search trial's outcome to the study on record (kdtune.study), after its run
+    ended; a replayed one only when it had not added itself before the driver was killed."""
+    if metrics.get("replayed") and guarded_study("read study", study.recorded, ctx.optuna_storage, ctx.optuna_study,
+                                                 trial_id, default=True):
+        return
+    status, _ = trial_status(metrics, spec.train.epochs, error=False)
+    guarded_study("record trial", study.record, ctx.optuna_storage, ctx.optuna_study, spec, trial_id, config, metrics, status)
+
+
+def guarded_study(what: str, fn, *args, default=None):
+    """`fn(*args)`, or `default` when the study's storage fails: the trial's training counts more
+    than its line in the study (MLflow holds its outcome too)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any storage failure
+        print(f"kdtune: Optuna study unavailable ({what}): {tracking.first_line(exc)}", flush=True)
+        return default
 
 
 def log_own_result(client, run_id: str, metrics: dict, epochs: int) -> None:
@@ -144,20 +162,6 @@ def system_metrics(ctx: SweepContext, run_id: str, resumed: bool):
     return monitor
 
 
-OPTUNA_KEY = "optuna_trial"
-
-
-@dataclass(frozen=True)
-class NumberedSpace:
-    """The define-by-run space plus the Optuna trial's number in the config, which the trial tags
-    its run with: the link between a run and its Optuna trial that a resume needs."""
-
-    space: Callable[[Any], dict]
-
-    def __call__(self, trial) -> dict:
-        return {**self.space(trial), OPTUNA_KEY: trial.number}
-
-
 class KDOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna the truth about trials without full results (a diverged
     trial is a FAIL and an early-stopped one PRUNED, never an accuracy), and that counts the trials
@@ -166,7 +170,7 @@ class KDOptunaSearch(OptunaSearch):
     many fewer, so the search keeps its size and reruns nothing."""
 
     def __init__(self, *args, space, epochs: int, total: int, ctx: SweepContext, resume: bool = False, **kwargs):
-        super().__init__(*args, space=NumberedSpace(space), **kwargs)
+        super().__init__(*args, space=space, **kwargs)
         self._epochs, self._total, self._ctx = epochs, total, ctx
         self._suggested: set[str] = set()  # saved with the searcher in each experiment snapshot
         self._recovered = self._completed_elsewhere() if resume else set()  # resumed before Tune's first snapshot
@@ -217,9 +221,9 @@ def trial_status(result: dict | None, epochs: int, error: bool) -> tuple[str, st
 
 class TrackingCallback(tune.Callback):
     """Driver side, a bounded amount of work per trial and none per epoch (the trials log their
-    own epochs and end their own runs when they complete): ends the run of a trial that the
-    scheduler stopped, that failed or that never reported, and prints one progress line per
-    finished trial."""
+    own epochs, end their own runs and record their own outcome in the study when they complete):
+    ends the run of a trial that the scheduler stopped, that failed or that never reported, records
+    the stopped and failed in the study, and prints one progress line per finished trial."""
 
     def __init__(self, ctx: SweepContext, epochs: int, total: int, objective: str, mode: str, out=sys.stdout):
         self.ctx, self.epochs, self.total = ctx, epochs, total
@@ -254,6 +258,9 @@ class TrackingCallback(tune.Callback):
             run_id = self._run_id(trial)
             if run_id:
                 tracking.guarded("end run", tracking.end_run, self.client, run_id, status, reason or why or None)
+            if self.ctx.phase == "search" and status in study.STATES:
+                guarded_study("record trial", study.record, self.ctx.optuna_storage, self.ctx.optuna_study,
+                              Spec.model_validate(self.ctx.spec_dict), str(trial), trial.config, last, status)
         self.done += 1
         value = last.get(self.objective)
         if status == "FINISHED" and isinstance(value, (int, float)) and not math.isnan(value):

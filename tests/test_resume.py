@@ -50,6 +50,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path, run_
     info = json.loads((tmp_path / "results" / "resume" / "summary.json").read_text())["optuna"]
     study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == len(study.trials) == len(trials)  # each once, none RUNNING
     assert sorted(round(t.values[0], 6) for t in complete) == sorted(round(v, 6) for v in trials["val_acc"])
 
     runs = client.search_runs([experiment.experiment_id])
@@ -156,14 +157,22 @@ def test_reconcile_deletes_the_run_of_a_trial_tune_never_recorded(tmp_path):
     assert gone.data.tags["kdtune.reconciled"] == "orphan" and gone.data.metrics["val_acc"] == pytest.approx(0.51)
 
 
-def test_a_complete_search_marks_the_optuna_trials_lost_in_a_driver_kill_failed(tmp_path):
-    from kdtune.search import fail_lost_trials
+def test_the_study_on_record_gets_each_trial_once_with_the_spaces_own_distributions(tmp_path):
+    from kdtune import study
+    from kdtune.loading import validate
 
+    spec = validate({"name": "s", "search": {"space": {"width": {"choice": [16, 32]}, "train.lr": {"loguniform": [0.001, 0.1]},
+                                                      "loss": {"none": {}, "kd": {"temperature": {"uniform": [1, 8]}}}}}})
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize"])
-    done = study.ask()
-    study.tell(done, [0.9, 1000.0])
-    study.ask()  # asked, then the driver was killed before Tune's snapshot recorded its trial
-    assert fail_lost_trials(SweepContext({}, "", "", "", optuna_storage=url, optuna_study="s")) == 1
-    states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
-    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    study.create(url, "s", spec)
+    config = {"width": 32, "train.lr": 0.01, "loss": "kd", "kd.temperature": 4.0, "seed": 3}  # seed: not a parameter
+    study.record(url, "s", spec, "aaaa0001", config, {"val_acc": 0.9, "params": 1000, "epoch": 3}, "FINISHED")
+    study.record(url, "s", spec, "aaaa0002", {**config, "loss": "none"}, {"val_acc": 0.5, "epoch": 1}, "STOPPED")
+    assert study.recorded(url, "s", "aaaa0001") and not study.recorded(url, "s", "aaaa0003")
+    finished, stopped = optuna.load_study(study_name="s", storage=url).trials
+    assert finished.state == optuna.trial.TrialState.COMPLETE and finished.values == [0.9, 1000.0]
+    assert finished.params == {"width": 32, "train.lr": 0.01, "loss": "kd", "kd.temperature": 4.0}
+    assert finished.distributions["train.lr"] == optuna.distributions.FloatDistribution(0.001, 0.1, log=True)
+    assert finished.user_attrs == {"kdtune.trial_id": "aaaa0001"}
+    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.values is None
+    assert stopped.params == {"width": 32, "train.lr": 0.01, "loss": "none"}

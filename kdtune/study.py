@@ -1,0 +1,49 @@
+"""The sweep's Optuna study on record (RDB storage: `optuna.db`, or `search.optuna_storage`).
+
+The searcher samples from its own in-memory study, as a hand-written Tune + OptunaSearch sweep
+does, and Tune checkpoints it with the searcher. The study on record gets one write per trial,
+made where the outcome is known: a completed or diverged trial adds itself from its own process,
+after it ended its MLflow run; the driver adds the early-stopped and the failed. An RDB write per
+ask, parameter and tell in the driver's event loop cost more than all the rest of its work.
+"""
+from __future__ import annotations
+
+import optuna
+
+from kdtune.space import parse_space
+from kdtune.spec import Spec
+
+TRIAL_ATTR = "kdtune.trial_id"  # the trial's id, as MLflow's `kdtune.trial_id` tag holds it
+DIRECTIONS = {"max": "maximize", "min": "minimize"}
+STATES = {"FINISHED": optuna.trial.TrialState.COMPLETE, "STOPPED": optuna.trial.TrialState.PRUNED,
+          "FAILED": optuna.trial.TrialState.FAIL}
+
+
+def create(url: str, name: str, spec: Spec) -> None:
+    """The study with the spec's objectives (kept as it is on --resume)."""
+    optuna.create_study(study_name=name, storage=url, load_if_exists=True,
+                        directions=[DIRECTIONS[o.mode] for o in spec.search.objectives])
+
+
+def sampled(spec: Spec, config: dict) -> optuna.trial.FixedTrial:
+    """The trial's Optuna parameters and their distributions, replayed through the define-by-run space."""
+    fixed = optuna.trial.FixedTrial(config)
+    parse_space(spec)(fixed)
+    return fixed
+
+
+def record(url: str, name: str, spec: Spec, trial_id: str, config: dict, metrics: dict, status: str) -> None:
+    """Add the trial's outcome (kdtune's status: FINISHED, STOPPED or FAILED): its objectives when it
+    finished, as Tune's OptunaSearch tells them; a pruned or failed trial has none."""
+    state = STATES[status]
+    fixed = sampled(spec, config)
+    values = [float(metrics[o.metric]) for o in spec.search.objectives] if state == optuna.trial.TrialState.COMPLETE else None
+    trial = optuna.trial.create_trial(params=fixed.params, distributions=fixed.distributions, values=values,
+                                      state=state, user_attrs={TRIAL_ATTR: trial_id})
+    optuna.load_study(study_name=name, storage=url).add_trial(trial)
+
+
+def recorded(url: str, name: str, trial_id: str) -> bool:
+    """Whether the study holds the trial (a trial replayed after a driver kill may have added itself)."""
+    study = optuna.load_study(study_name=name, storage=url)
+    return any(t.user_attrs.get(TRIAL_ATTR) == trial_id for t in study.get_trials(deepcopy=False))
