@@ -21,6 +21,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
+from kdtune import tracking
 from kdtune.errors import SpecError
 from kdtune.parallel import Ranks
 from kdtune.trial import run_trial
@@ -38,13 +39,16 @@ class TrialWorkers:
     cpu: float
     gpu: float
 
-    def train(self, plan, report: Callable, state: Optional[dict], storage: str) -> None:
-        """Run the trial on the workers; `report(metrics, get_state)` here, once per epoch."""
+    def train(self, plan, report: Callable, state: Optional[dict], storage: str,
+              node_metrics: Optional[Callable] = None) -> None:
+        """Run the trial on the workers; `report(metrics, get_state)` here, once per epoch.
+        `node_metrics(node_id=...)` starts MLflow's system metrics of a node for the trial's run: the
+        first worker on each node calls it."""
         results, answers = (Queue(actor_options={"num_cpus": 0}) for _ in range(2))
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"plan": plan, "data": self.data, "state": state, "cpu": self.cpu,
-                               "results": results, "answers": answers},
+                               "results": results, "answers": answers, "node_metrics": node_metrics},
             scaling_config=ray.train.ScalingConfig(num_workers=self.workers, use_gpu=self.gpu > 0,
                                                    resources_per_worker={"CPU": self.cpu, "GPU": self.gpu}),
             run_config=ray.train.RunConfig(name="workers", storage_path=storage))
@@ -76,7 +80,8 @@ def relay(fit, results: Queue, answers: Queue, report: Callable) -> None:
 
 
 def worker_loop(config: dict) -> None:
-    """One worker: its rank, device and shard; rank 0 reports through the queues."""
+    """One worker: its rank, device and shard; rank 0 reports through the queues; the first worker
+    of each node logs the node's system metrics."""
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     ranks = Ranks(context.get_world_rank(), context.get_world_size(), str(device))
@@ -88,8 +93,15 @@ def worker_loop(config: dict) -> None:
         results.put((metrics, get_state() if get_state else None))
         return answers.get()
 
-    run_trial(config["plan"], data.to(device) if device.type != "cpu" else data, report, config["state"], device,
-              ranks=ranks)
+    monitor = None
+    if config["node_metrics"] and context.get_local_rank() == 0:
+        monitor = config["node_metrics"](node_id=ray.get_runtime_context().get_node_id())
+    try:
+        run_trial(config["plan"], data.to(device) if device.type != "cpu" else data, report, config["state"], device,
+                  ranks=ranks)
+    finally:
+        if monitor is not None:
+            tracking.guarded("system metrics", monitor.finish)
 
 
 def trial_resources() -> "ray.tune.PlacementGroupFactory":

@@ -7,6 +7,7 @@ import math
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -106,7 +107,8 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
     monitor = system_metrics(ctx, run_id, resumed=state is not None) if run_id else None
     try:
         if workers is not None:
-            workers.train(plan, report, state, tune.get_context().get_trial_dir())
+            node_metrics = partial(system_metrics, ctx, run_id, state is not None) if run_id else None
+            workers.train(plan, report, state, tune.get_context().get_trial_dir(), node_metrics)
         else:
             run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
     finally:
@@ -147,16 +149,17 @@ def log_own_result(client, run_id: str, metrics: dict, epochs: int) -> None:
 SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
-def system_metrics(ctx: SweepContext, run_id: str, resumed: bool):
+def system_metrics(ctx: SweepContext, run_id: str, resumed: bool, node_id: str | None = None):
     """MLflow's system metrics for the trial's run (system/cpu_utilization_percentage, memory, disk,
     network; GPU with pynvml), sampled every 5 s in a thread; None without psutil, which MLflow needs.
+    With `node_id` (a multi-worker trial's node), under system/<node_id>/.
     benchmarks/system_metrics.py measures what it costs a trial."""
     if importlib.util.find_spec("psutil") is None:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = tracking.guarded("system metrics", SystemMetricsMonitor, run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                               resume_logging=resumed, tracking_uri=ctx.tracking_uri)
+                               resume_logging=resumed, node_id=node_id, tracking_uri=ctx.tracking_uri)
     if monitor is not None:
         monitor.start()
     return monitor

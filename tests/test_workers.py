@@ -70,6 +70,7 @@ def sweep(tmp_path_factory, mnist_root, teacher_cache):
         "baselines": False, "confirm_seeds": 0}, train={"epochs": 2, "checkpoint_every": 1})
     with pytest.MonkeyPatch.context() as env:
         env.setenv(SEEN, str(out / "seen"))
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's own: samples within a short trial
         result = kdtune.run(spec, student=recording_mlp, results_dir=out / "results",
                             tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     return result, out
@@ -98,6 +99,9 @@ def test_one_mlflow_run_per_trial_with_its_epochs(sweep):
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["train.effective_batch_size"] == "50"  # 25 a worker x 2 workers
+        nodes = {key.split("/")[1] for key in run.data.metrics if key.count("/") == 2 and key.startswith("system/")}
+        assert nodes == {result.trials.set_index("mlflow_run_id").loc[run.info.run_id, "node_id"]}  # the workers' node
+        assert "system/cpu_utilization_percentage" in run.data.metrics  # the trial's own process
         history = client.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history] == [1, 2] and history[-1].value == pytest.approx(
             result.trials.set_index("mlflow_run_id").loc[run.info.run_id, "val_acc"])
