@@ -197,7 +197,8 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     or {name: loader}}`) replace the spec's `teacher.arch`, `student.arch` and `data.dataset`;
     `evaluate` (a `function(model, data_loader) -> {name: number}`, or its import path) replaces
     the spec's `evaluate`. Bad input raises SpecError (or DataError, TeacherError, TrackingError)
-    before Ray starts.
+    before Ray starts; with `resources.workers` > 1, Ray starts first, and workers the cluster
+    cannot place raise SpecError before the teacher is trained.
     """
     started = time.time()
     spec = with_objects(load_spec(spec, smoke=smoke), teacher, student, data, evaluate)
@@ -209,22 +210,31 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     tracking.use_wal(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
-    data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate,
-                                             outputs_dir=out_dir / "teacher_outputs")
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(client, spec.name)
-    storage = _storage(spec, results_dir, storage)
-    parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
-    log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
-    optuna_url, study_name = finish.optuna_study(spec, out_dir, parent_id)
-    study.create(optuna_url, study_name, spec)
-    finish.tag_parent(client, parent_id, optuna_url, study_name)
-    status, teacher_done, temp_dir, missing = "FAILED", time.time(), None, []
+    paths = [spec.teacher.arch, spec.data.dataset, spec.evaluate or ""] + list(
+        space.student_values("student.arch", spec.student.arch))
+    ray_paths = user_modules(p for p in paths if IMPORT_PATH.match(p))
+    # whether a trial's workers fit is a question for the cluster: asked before the teacher trains
+    temp_dir = _start_ray(spec, address, ray_paths) if spec.resources.workers > 1 else None
+    try:
+        data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate,
+                                                 outputs_dir=out_dir / "teacher_outputs")
+        client = tracking.client(uri)
+        exp_id = tracking.experiment_id(client, spec.name)
+        storage = _storage(spec, results_dir, storage)
+        parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
+        log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
+        optuna_url, study_name = finish.optuna_study(spec, out_dir, parent_id)
+        study.create(optuna_url, study_name, spec)
+        finish.tag_parent(client, parent_id, optuna_url, study_name)
+    except BaseException:
+        if spec.resources.workers > 1:
+            _stop_ray(temp_dir)
+        raise
+    status, teacher_done, missing = "FAILED", time.time(), []
     hint = resume_hint(results_dir)
     try:
-        paths = [spec.teacher.arch, spec.data.dataset, spec.evaluate or ""] + list(
-            space.student_values("student.arch", spec.student.arch))
-        temp_dir = init_ray(address or spec.ray.address, user_modules(p for p in paths if IMPORT_PATH.match(p)))
+        if spec.resources.workers == 1:
+            temp_dir = _start_ray(spec, address, ray_paths)
         _ship_by_value(teacher, student, evaluate, *given_datasets(data))
         from kdtune.tuning import SweepContext
 
@@ -249,19 +259,41 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         log(f"interrupted. {hint}")
         raise
     finally:
-        import ray
-
         closed = tracking.guarded("close runs", tracking.close_open_children, client, exp_id, parent_id, "KILLED")
         if closed:
             log(f"ended {closed} unfinished MLflow run(s) as KILLED")
         if tracking.guarded("end parent", tracking.end_run, client, parent_id, status, default=False) is False:
             missing.append("parent run status")
-        ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_ray(temp_dir)
     finish.record_missing(out_dir, parent_id, missing)
     return SweepResult(trials, front, gain, exp_id, parent_id, out_dir, status, summary, sorted(set(missing)),
                        out_dir / "report")
+
+
+def _start_ray(spec, address: Optional[str], py_modules: list[str]) -> Optional[str]:
+    """init_ray; with multi-worker trials, a SpecError (Ray stopped again) when one trial's workers
+    cannot all be placed on the cluster. Returns init_ray's temp dir."""
+    temp_dir = init_ray(address or spec.ray.address, py_modules)
+    if spec.resources.workers > 1:
+        import ray
+
+        from kdtune.distributed import check_placeable
+
+        try:
+            check_placeable(spec, ray.nodes())
+        except SpecError:
+            _stop_ray(temp_dir)
+            raise
+    return temp_dir
+
+
+def _stop_ray(temp_dir: Optional[str]) -> None:
+    """ray.shutdown, and the private local Ray's temp dir removed."""
+    import ray
+
+    ray.shutdown()
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def resume_hint(results_dir: str) -> str:

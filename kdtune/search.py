@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -22,8 +23,25 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISa
 
 
 def _trainable(spec, data, ctx):
+    """The trainable with its resources: one process, or (resources.workers > 1) a trial that starts
+    its workers, the shared data put once into the object store for all of them."""
+    if spec.resources.workers > 1:
+        from kdtune import distributed
+
+        workers = distributed.TrialWorkers(ray.put(data), spec.resources.workers, spec.resources.cpu, spec.resources.gpu)
+        return tune.with_resources(tune.with_parameters(trainable, data=None, ctx=ctx, workers=workers),
+                                   distributed.trial_resources())
     return tune.with_resources(tune.with_parameters(trainable, data=data, ctx=ctx),
                                {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _max_concurrent(spec) -> int:
+    """search.max_concurrent, capped for multi-worker trials at how many the cluster holds."""
+    if spec.resources.workers > 1:
+        from kdtune import distributed
+
+        return distributed.trials_at_once(spec, ray.nodes())
+    return spec.search.max_concurrent
 
 
 TRIAL_ID = re.compile(r"[0-9a-f]{8}")
@@ -37,7 +55,7 @@ def trial_name(trial) -> str:
 
 
 def _tune_config(spec, **kwargs) -> tune.TuneConfig:
-    return tune.TuneConfig(max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
+    return tune.TuneConfig(max_concurrent_trials=_max_concurrent(spec), reuse_actors=True,
                            trial_name_creator=trial_name, **kwargs)
 
 

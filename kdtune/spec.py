@@ -142,6 +142,7 @@ class TrainSpec(Strict):
     ce_weight: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(2, ge=1)
     mixed_precision: bool = True  # bf16 autocast of forward and losses on CUDA; CPUs train in fp32
+    accumulate: int = Field(1, ge=1)  # micro-batches of batch_size per optimizer step (gradient accumulation)
 
 
 class Objective(Strict):
@@ -173,8 +174,11 @@ class SearchSpec(Strict):
 
 
 class Resources(Strict):
+    """Per worker; a trial is `workers` data-parallel workers (Ray Train), 1: a single process."""
+
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
+    workers: int = Field(1, ge=1)
 
 
 class RaySpec(Strict):

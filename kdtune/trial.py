@@ -26,6 +26,7 @@ from kdtune.evaluation import OnDevice, loader, score
 from kdtune.models import count_params
 from kdtune.models.features import student_params
 from kdtune.models.resolve import build_model
+from kdtune.parallel import Learner, Ranks
 from kdtune.recipe import make_optimizer, make_schedule
 from kdtune.space import TrialPlan
 
@@ -182,6 +183,22 @@ class TeacherTargets:
         return out
 
 
+def accumulate_step(loss: torch.Tensor, step: int, steps: int, accumulate: int, optimizer, schedule,
+                    learner: Optional[nn.Module], ranks: Ranks) -> None:
+    """Backward of one of `accumulate` micro-batches (or of fewer, the epoch's last group), each
+    weighted by the group's size so that the step sees their mean gradient; the optimizer steps,
+    and DDP all-reduces, on the group's last micro-batch only."""
+    first = step - step % accumulate
+    size = min(accumulate, steps - first)
+    last = step == first + size - 1
+    with ranks.syncing(learner, last):
+        (loss / size).backward()
+    if last:
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 class ResidentBatches:
     """An epoch over resident tensors: (indices, images, labels) by a seeded permutation."""
 
@@ -212,20 +229,27 @@ class StreamedBatches:
                    y.to(self.device, non_blocking=True))
 
 
-def train_batches(data: SweepData, batch_size: int, generator: torch.Generator, seed: int, epoch: int, device):
-    """One epoch's training batches: from resident tensors, or streamed in an order fixed by
-    (seed, epoch)."""
+def train_batches(data: SweepData, batch_size: int, generator: torch.Generator, seed: int, epoch: int, device,
+                  ranks: Ranks):
+    """One epoch's training batches of this rank's shard: from resident tensors, or streamed in an
+    order fixed by (seed, epoch)."""
     if data.stream is None:
-        return ResidentBatches(data.splits, batches(data.train_size, batch_size, generator, device))
-    return StreamedBatches(data.stream.train_loader(batch_size, seed, epoch, device), device)
+        return ResidentBatches(data.splits, batches(data.train_size, batch_size, generator, device, ranks.rank,
+                                                    ranks.world))
+    return StreamedBatches(data.stream.train_loader(batch_size, seed, epoch, device, ranks.rank, ranks.world),
+                           device)
 
 
 def run_trial(plan: TrialPlan, data: SweepData,
               report: Callable[[dict, Optional[Callable[[], dict]]], None],
               state: Optional[dict] = None, device: str | torch.device = "cpu",
-              student: Optional[nn.Module] = None) -> dict:
+              student: Optional[nn.Module] = None, ranks: Ranks = Ranks()) -> dict:
     """Train the plan's student (or the `student` given, in place) for its epochs;
     `report(metrics, get_state)` once per epoch.
+
+    With `ranks` of a started process group (kdtune.distributed), this process trains its shard
+    of each batch in DistributedDataParallel; rank 0 alone evaluates and reports, with the losses
+    averaged over all ranks, and every rank stops when its `report` returns False.
 
     `get_state` is given on checkpoint epochs (every `train.checkpoint_every` and the last):
     calling it returns everything needed to resume. A non-finite loss ends the trial with
@@ -244,7 +268,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
     torch.manual_seed(plan.seed)
     generator = torch.Generator().manual_seed(plan.seed)
     splits = data.splits
-    student = to_device(student if student is not None else build_student(spec, data), device)
+    student = ranks.sync_batch_norm(to_device(student if student is not None else build_student(spec, data), device))
     augment = Augment.of(spec.data.augment, splits)
     method = METHODS[plan.method]
     targets = TeacherTargets(data, method.teacher_keys, device)
@@ -255,11 +279,13 @@ def run_trial(plan: TrialPlan, data: SweepData,
                            data.train_size, spec.train.ce_weight, label_smoothing=spec.train.label_smoothing,
                            teacher_head=data.teacher_head, **plan.method_params).to(device)
     targets.live_batches = targets.live_samples = 0
-    epochs, n = spec.train.epochs, data.train_size
+    distiller.gather = ranks.gather  # a method with state (CRD's banks) updates it with every rank's batch
+    epochs, n, accumulate = spec.train.epochs, data.train_size, spec.train.accumulate
     if data.stream is not None:
         seed_rngs(plan.seed)  # a user's numpy or `random` transform read in this process
     optimizer = make_optimizer(spec.train, [p for m in (student, distiller) for p in m.parameters() if p.requires_grad])
-    schedule = make_schedule(spec.train, optimizer, math.ceil(n / spec.train.batch_size))
+    steps = math.ceil(math.ceil(n / (spec.train.batch_size * ranks.world)) / accumulate)  # optimizer steps an epoch
+    schedule = make_schedule(spec.train, optimizer, steps)
     first_epoch = 0
     if state:
         student.load_state_dict(state["student"])
@@ -270,34 +296,44 @@ def run_trial(plan: TrialPlan, data: SweepData,
         torch.set_rng_state(state["torch_rng"])
         first_epoch = state["epoch"]
     fixed = {"params": student_params(student), "extra_params": count_params(distiller)}
+    learner = ranks.wrap(Learner(student, distiller), device) if ranks.world > 1 else None
     metrics: dict = {}
     for epoch in range(first_epoch, epochs):
         started = time.time()
         student.train()
         history: dict[str, list[torch.Tensor]] = defaultdict(list)  # summed once per epoch, not per step
-        order = train_batches(data, spec.train.batch_size, generator, plan.seed, epoch, device)
+        order = train_batches(data, spec.train.batch_size, generator, plan.seed, epoch, device, ranks)
         for step, (idx, x, y) in enumerate(order):
             views = augment.draw(len(idx), generator, device) if augment else None
             if augment:
                 x = augment.apply(x, views)
+            progress = epoch + step / len(order)
             with precision():
-                terms = distiller(student(x), targets(idx, x, views), y, idx, epoch + step / len(order))
+                if learner is None:
+                    terms = distiller(student(x), targets(idx, x, views), y, idx, progress)
+                else:
+                    terms = learner(x, targets(idx, x, views), y, idx, progress)
             first, *rest = terms.values()
             loss = sum(rest, first)  # not sum(terms.values()): that adds its start, 0, as one more op a step
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            if accumulate == 1:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            else:
+                accumulate_step(loss, step, len(order), accumulate, optimizer, schedule, learner, ranks)
             for name, value in terms.items():
                 history[name].append(value.detach())
-        losses = {f"loss_{k}": torch.stack(v).mean().item() for k, v in history.items()}
+        losses = dict(zip((f"loss_{k}" for k in history),
+                          ranks.mean(torch.stack([torch.stack(v).mean() for v in history.values()])).tolist()))
         diverged = not all(math.isfinite(v) for v in losses.values())
-        val = {"acc": math.nan, "loss": math.nan} if diverged else data.split_scores(student, "val", device)
+        evaluate = ranks.lead and not diverged
+        val = data.split_scores(student, "val", device) if evaluate else {"acc": math.nan, "loss": math.nan}
         metrics = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in val.items()}, **losses, **fixed,
-                   "epoch_seconds": time.time() - started, "teacher_live_batches": targets.live_batches,
-                   "teacher_passes": targets.live_samples / n,
+                   "epoch_seconds": time.time() - started, "teacher_live_batches": ranks.total(targets.live_batches),
+                   "teacher_passes": ranks.total(targets.live_samples) / n,
                    "diverged": diverged, "done": diverged or epoch + 1 == epochs}
-        if epoch + 1 == epochs and not diverged:  # no test_loss: the tables report test accuracy, not the loss
+        if epoch + 1 == epochs and evaluate:  # no test_loss: the tables report test accuracy, not the loss
             test = data.split_scores(student, "test", device)
             metrics.update({f"test_{k}": v for k, v in test.items() if k != "loss"})
         checkpoint_now = not diverged and ((epoch + 1) % spec.train.checkpoint_every == 0 or epoch + 1 == epochs)
@@ -307,7 +343,7 @@ def run_trial(plan: TrialPlan, data: SweepData,
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}
-        report(metrics, get_state if checkpoint_now else None)
-        if diverged:
+        stop = ranks.lead and report(metrics, get_state if checkpoint_now else None) is False
+        if diverged or ranks.agree(stop):
             break
     return metrics

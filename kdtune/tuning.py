@@ -7,6 +7,7 @@ import math
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -42,7 +43,12 @@ def trial_params(plan, config: dict) -> dict:
     student = plan.spec.student
     return {"loss": plan.method, "student.arch": student.arch, "width": student.width,
             **{f"student.kwargs.{k}": v for k, v in student.kwargs.items()}, "train.lr": plan.spec.train.lr, "train.epochs": plan.spec.train.epochs, "seed": plan.seed,
-            **method_defaults, **config}
+            "train.effective_batch_size": effective_batch(plan.spec), **method_defaults, **config}
+
+
+def effective_batch(spec) -> int:
+    """Examples per optimizer step: the batch of each worker, of each accumulated micro-batch."""
+    return spec.train.batch_size * spec.train.accumulate * spec.resources.workers
 
 
 def load_state(checkpoint: tune.Checkpoint, device="cpu") -> dict:
@@ -59,8 +65,10 @@ def trial_tags(plan, ctx: SweepContext, config: dict) -> dict:
             "kdtune.sweep": ctx.parent_run_id, tracking.CONFIG_TAG: json.dumps(config, default=str)}
 
 
-def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
-    """Ray Tune function trainable: resume from a checkpoint if any, report every epoch."""
+def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=None) -> None:
+    """Ray Tune function trainable: resume from a checkpoint if any, report every epoch. With
+    `workers` (a kdtune.distributed.TrialWorkers, for resources.workers > 1) the trial is trained
+    by them and this process only reports."""
     spec = Spec.model_validate(ctx.spec_dict)
     config = config.get("point", config)  # confirmation runs pass whole configs through grid_search
     plan = resolve(spec, config)
@@ -98,7 +106,11 @@ def trainable(config: dict, data: SweepData, ctx: SweepContext) -> None:
         return
     monitor = system_metrics(ctx, run_id, resumed=state is not None) if run_id else None
     try:
-        run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
+        if workers is not None:
+            node_metrics = partial(system_metrics, ctx, run_id, state is not None) if run_id else None
+            workers.train(plan, report, state, tune.get_context().get_trial_dir(), node_metrics)
+        else:
+            run_trial(plan, data.to(device) if device != "cpu" else data, report, state, device)
     finally:
         if monitor is not None:
             tracking.guarded("system metrics", monitor.finish)
@@ -137,16 +149,17 @@ def log_own_result(client, run_id: str, metrics: dict, epochs: int) -> None:
 SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
-def system_metrics(ctx: SweepContext, run_id: str, resumed: bool):
+def system_metrics(ctx: SweepContext, run_id: str, resumed: bool, node_id: str | None = None):
     """MLflow's system metrics for the trial's run (system/cpu_utilization_percentage, memory, disk,
     network; GPU with pynvml), sampled every 5 s in a thread; None without psutil, which MLflow needs.
+    With `node_id` (a multi-worker trial's node), under system/<node_id>/.
     benchmarks/system_metrics.py measures what it costs a trial."""
     if importlib.util.find_spec("psutil") is None:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = tracking.guarded("system metrics", SystemMetricsMonitor, run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                               resume_logging=resumed, tracking_uri=ctx.tracking_uri)
+                               resume_logging=resumed, node_id=node_id, tracking_uri=ctx.tracking_uri)
     if monitor is not None:
         monitor.start()
     return monitor

@@ -258,13 +258,13 @@ def test_defaults_of_a_minimal_spec(tmp_path):
                                        "schedule": {"type": "constant", "warmup_epochs": 0, "milestones": [],
                                                     "gamma": 0.1},
                                        "label_smoothing": 0.0, "ce_weight": 1.0, "checkpoint_every": 2,
-                                       "mixed_precision": True}
+                                       "mixed_precision": True, "accumulate": 1}
     search = spec.search
     assert search.space == {}
     assert [(o.metric, o.mode) for o in search.objectives] == [("val_acc", "max"), ("params", "min")]
     assert (search.sampler, search.num_samples, search.max_concurrent, search.baselines) == ("tpe", 24, 2, True)
     assert (search.scheduler, search.max_failures, search.confirm_seeds) == (None, 0, 3)
-    assert spec.resources.model_dump() == {"cpu": 1, "gpu": 0}
+    assert spec.resources.model_dump() == {"cpu": 1, "gpu": 0, "workers": 1}
     assert spec.ray.model_dump() == {"address": None, "storage_path": None}
     assert spec.mlflow.model_dump() == {"tracking_uri": None}
     # No space: plain KD against the no-distillation baseline, nothing else searched.

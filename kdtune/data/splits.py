@@ -64,7 +64,16 @@ def split_indices(total: int, val_size: int, seed: int, train_limit: Optional[in
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator, device="cpu"):
-    """Index tensors of a seeded permutation of range(n), `batch_size` at a time."""
-    order = torch.randperm(n, generator=generator).to(device)
-    return order.split(batch_size)
+def batches(n: int, batch_size: int, generator: torch.Generator, device="cpu", rank: int = 0, world: int = 1):
+    """Index tensors of a seeded permutation of range(n), `batch_size` at a time.
+
+    With `world` ranks, every rank draws the same permutation (the same seeded generator) and
+    takes its own `batch_size` of each global batch of `batch_size x world`: the shards are
+    disjoint, and all ranks take the same number of equal-sized steps, as DDP needs (the
+    permutation is padded to a multiple of `world` with its first indices, as
+    torch.utils.data.distributed.DistributedSampler pads, which shards a streamed dataset)."""
+    order = torch.randperm(n, generator=generator)
+    if world == 1:
+        return order.to(device).split(batch_size)
+    order = torch.cat([order, order[:-n % world]])
+    return [chunk.tensor_split(world)[rank].to(device) for chunk in order.split(batch_size * world)]

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 EVAL_BATCH = 256  # images per validation/test batch
 
@@ -74,16 +74,24 @@ class Stream:
     collate: Optional[Callable] = None
     random: bool = False
 
-    def _loader(self, dataset: Dataset, batch_size: int, collate, device, generator=None) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, collate, device, generator=None, sampler=None) -> DataLoader:
         extra = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers else {}
-        return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                          num_workers=self.workers, collate_fn=collate, worker_init_fn=seed_worker,
-                          pin_memory=torch.device(device).type == "cuda", **extra)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None and sampler is None,
+                          sampler=sampler, generator=generator, num_workers=self.workers, collate_fn=collate,
+                          worker_init_fn=seed_worker, pin_memory=torch.device(device).type == "cuda", **extra)
 
-    def train_loader(self, batch_size: int, seed: int, epoch: int, device="cpu") -> DataLoader:
-        """Shuffled batches of (images, labels, indices), in an order fixed by (seed, epoch)."""
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        return self._loader(Indexed(self.train), batch_size, IndexedCollate(self.collate), device, generator)
+    def train_loader(self, batch_size: int, seed: int, epoch: int, device="cpu", rank: int = 0,
+                     world: int = 1) -> DataLoader:
+        """Shuffled batches of (images, labels, indices), in an order fixed by (seed, epoch). Of
+        `world` data-parallel ranks, each reads its own disjoint share of one permutation of the
+        epoch (DistributedSampler: the same seed on every rank, padded to equal shares)."""
+        seed = seed * 1_000_003
+        generator = torch.Generator().manual_seed(seed + epoch)
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(self.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+            sampler.set_epoch(epoch)
+        return self._loader(Indexed(self.train), batch_size, IndexedCollate(self.collate), device, generator, sampler)
 
     def in_order(self, batch_size: int, device="cpu") -> DataLoader:
         """The training set in index order, (images, labels, indices): one pass of the teacher."""

@@ -97,6 +97,12 @@ class Distiller(nn.Module):
     def forward(self, *args, **kwargs):
         return self.losses(*args, **kwargs)
 
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every data-parallel worker's `values`, concatenated (this one's alone in a single process):
+        a method with state across batches updates it from all workers' batches, so that it stays
+        the same on every worker. The trial replaces it when it trains on several workers."""
+        return values
+
 
 METHODS: dict[str, type[Distiller]] = {}
 

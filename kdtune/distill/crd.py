@@ -55,12 +55,12 @@ class CRD(Distiller):
 
     def scores(self, bank, v, idx, negatives, z):
         """exp(<bank row, v> / T) / Z, B x (K+1): each sample's own row, then the negatives.
-        Z is set from the first batch's scores. `index_select` copies the rows, so the
+        Z is set from the first batch's scores (of all workers). `index_select` copies the rows, so the
         in-place bank update that follows cannot invalidate the graph."""
         positive = (bank.index_select(0, idx) * v).sum(1, keepdim=True)
         dots = torch.cat([positive, v @ bank.index_select(0, negatives).t()], dim=1)
         out = torch.exp(dots / self.hp["nce_t"])
-        z_now = torch.where(z < 0, out.detach().mean() * self.num_train, z)
+        z_now = torch.where(z < 0, self.gather(out.detach().mean().reshape(1)).mean() * self.num_train, z)
         z.copy_(z_now)
         return out / z_now
 
@@ -70,8 +70,8 @@ class CRD(Distiller):
         negatives = self.negatives(idx.device)
         loss_s = nce_loss(self.scores(self.bank_t, v_s, idx, negatives, self.z_s), self.num_train)
         loss_t = nce_loss(self.scores(self.bank_s, v_t, idx, negatives, self.z_t), self.num_train)
-        with torch.no_grad():
-            mom = self.hp["nce_mom"]
+        with torch.no_grad():  # every worker's rows, so that the banks stay the same on all
+            mom, rows = self.hp["nce_mom"], self.gather(idx)
             for bank, v in ((self.bank_s, v_s), (self.bank_t, v_t)):
-                bank[idx] = F.normalize(bank[idx] * mom + v.detach() * (1 - mom), dim=1)
+                bank[rows] = F.normalize(bank[rows] * mom + self.gather(v.detach()) * (1 - mom), dim=1)
         return {"ce": self.ce(s, labels), "crd": self.hp["beta"] * (loss_s + loss_t)}
