@@ -19,7 +19,8 @@ from kdtune.data.resolve import load_splits
 from kdtune.data.stream import Stream
 from kdtune.distributed import TrialWorkers
 from kdtune.models.mnist import StudentMLP
-from kdtune.space import resolve
+from kdtune.runner import prepare
+from kdtune.space import parse_space, resolve
 from kdtune.teacher import compute_targets, get_teacher
 from kdtune.trial import SweepData, run_trial
 from kdtune.tuning import STATE_FILE
@@ -136,6 +137,28 @@ def test_a_two_worker_checkpoint_of_the_sweep_resumes_to_the_same_epoch(sweep, d
     for key in ("val_acc", "val_loss", "loss_ce", "loss_crd"):
         swept = client.get_metric_history(state["mlflow_run_id"], key)
         assert [m.step for m in swept] == [1, 2] and resumed[0][key] == pytest.approx(swept[-1].value, rel=1e-6)
+
+
+def test_a_streamed_trial_trains_on_two_workers_with_disjoint_shards(tmp_path, mnist_root, teacher_cache, monkeypatch):
+    """data.resident: false: each worker reads its share of the epoch through its own DataLoader, and
+    the teacher's outputs from the files the sweep wrote once."""
+    spec = small_spec(mnist_root, teacher_cache, data={"resident": False, "workers": 0})
+    data, _, info = prepare(spec, parse_space(spec), student=recording_mlp, outputs_dir=tmp_path / "outputs")
+    assert data.stream is not None and info["path"] == "streamed"
+    (tmp_path / "seen").mkdir()
+    monkeypatch.setenv(SEEN, str(tmp_path / "seen"))  # before Ray starts: its workers inherit it
+    temp_dir = init_ray(None)
+    try:
+        reports = []
+        TrialWorkers(ray.put(data), 2, 1, 0).train(resolve(spec, {"loss": "kd"}), lambda m, g: reports.append(m), None,
+                                                   str(tmp_path / "trial"))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert [m["epoch"] for m in reports] == [1] and reports[0]["val_acc"] > 0.2  # chance is 0.1
+    assert reports[0]["teacher_passes"] == 0  # the targets came from disk
+    first, second = (frozenset(path.read_text().split()) for path in (tmp_path / "seen").glob("*.txt"))
+    assert len(first) == len(second) == TRAIN // 2 and len(first | second) == TRAIN
 
 
 def test_two_accumulated_micro_batches_step_as_one_batch_of_twice_the_size(mnist_root, teacher_cache, data):
