@@ -55,12 +55,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, evaluate: Optional[Callable] = None) -> dict[str, float]:
-    """A split's metrics by name: kdtune's accuracy and mean cross-entropy (`acc`, `loss`); with the
-    user's `evaluate` function, its metrics, and kdtune's two first unless it returns `acc` itself
-    (every table reads acc, and a second pass over the split is then not needed)."""
-    found = score(model, loader(x, y), evaluate) if evaluate is not None else {}
+    """A resident split's metrics by name (see `with_accuracy`)."""
+    return with_accuracy(model, loader(x, y), evaluate, lambda: accuracy(model, x, y))
+
+
+def with_accuracy(model: nn.Module, batches, evaluate: Optional[Callable], accuracy_of: Callable) -> dict[str, float]:
+    """kdtune's accuracy and mean cross-entropy (`acc`, `loss`, from `accuracy_of()`); with the user's
+    `evaluate` function, its metrics on `batches`, and kdtune's two first unless it returns `acc`
+    itself (every table reads acc, and a second pass over the split is then not needed)."""
+    found = score(model, batches, evaluate) if evaluate is not None else {}
     if "acc" not in found:
-        acc, loss = accuracy(model, x, y)
+        acc, loss = accuracy_of()
         found = {"acc": acc, "loss": loss, **found}
     return found
 
@@ -133,10 +138,8 @@ class SweepData:
             x, y = (self.splits.val_x, self.splits.val_y) if split == "val" else (self.splits.test_x, self.splits.test_y)
             return scores(model, x, y, self.evaluate)
         (first, loader_), *others = self.stream.eval_loaders(split, device=device).items()
-        found = score(model, OnDevice(loader_, device), self.evaluate) if self.evaluate is not None else {}
-        if "acc" not in found:
-            acc, loss = loader_accuracy(model, loader_, device)
-            found = {"acc": acc, "loss": loss, **found}
+        found = with_accuracy(model, OnDevice(loader_, device), self.evaluate,
+                              lambda: loader_accuracy(model, loader_, device))
         if others:
             found.update({f"acc_{first}": found["acc"],
                           **{f"acc_{name}": loader_accuracy(model, other, device)[0] for name, other in others}})
