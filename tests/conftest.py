@@ -38,3 +38,14 @@ def run_cli(mnist_root, teacher_cache):
                                     text=True)
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return run
+
+
+def assert_exit_2_naming(status: int, err: str, key: str, fragments: list[str]) -> None:
+    """A bad input's CLI exit: status 2 and one `kdtune:` line (MLflow may log its store's set-up)
+    naming the key path and saying each fragment, no traceback."""
+    assert status == 2, err
+    assert "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if line.startswith("kdtune:")]
+    assert f": {key}: " in line, line
+    for fragment in fragments:
+        assert fragment in line, line

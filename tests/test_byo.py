@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_exit_2_naming
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -265,11 +266,5 @@ def test_bad_input_exits_2_naming_the_key(case, tmp_path, monkeypatch, capsys, m
             "student.arch=mlp", *[o.replace("CHECKPOINT", str(checkpoint)) for o in overrides]]
     status = cli_main([str(spec), "--results-dir", str(tmp_path / "results"),
                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *[a for s in sets for a in ("--set", s)]])
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert "Traceback" not in err, err
-    [err] = [line for line in err.splitlines() if line.startswith("kdtune:")]  # MLflow may log its store's set-up
-    assert f": {key}: " in err or err.startswith(f"kdtune: error: {key}: "), err
-    for fragment in fragments:
-        assert fragment in err, err
+    assert_exit_2_naming(status, capsys.readouterr().err, key, fragments)
     assert not ray.is_initialized()

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_exit_2_naming
 from mlflow.tracking import MlflowClient
 
 import kdtune
@@ -183,14 +184,8 @@ def test_bad_evaluation_exits_2_naming_the_key(case, tmp_path, monkeypatch, caps
             "search.space.loss={none: {}, kd: {}}", "search.space.width=4", *overrides]
     status = cli_main([str(SPEC), "--results-dir", str(tmp_path / "results"),
                        "--tracking-uri", store, *[a for s in sets for a in ("--set", s)]])
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert "Traceback" not in err, err
-    [err] = [line for line in err.splitlines() if line.startswith("kdtune:")]  # MLflow may log its store's set-up
-    assert err.startswith(f"kdtune: spec error: {key}: ") or f": {key}: " in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    assert not ray.is_initialized() and not (tmp_path / "results").exists()
+    assert_exit_2_naming(status, capsys.readouterr().err, key, fragments)
+    assert not ray.is_initialized() and not (tmp_path / "results").exists() and not (tmp_path / "results").exists()
 
 
 def test_run_raises_spec_error_for_a_function_given_that_returns_no_dict(tmp_path, mnist_root, teacher_cache, store):
