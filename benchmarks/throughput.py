@@ -190,7 +190,8 @@ def epochs_interleaved(args, data: SweepData, teacher) -> dict:
 @contextmanager
 def tune_session(spec):
     """A private local Ray and a temporary MLflow store, as a sweep has them; yields
-    (run: () -> ResultGrid of kdtune's run_search, ray.init seconds). Everything is removed after."""
+    (run: () -> ResultGrid of kdtune's run_search, epoch_seconds: result -> its epochs' seconds,
+    ray.init seconds). Everything is removed after."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -218,7 +219,11 @@ def tune_session(spec):
                 raise RuntimeError(f"{len(errors)} of {len(grid)} Tune trial(s) failed: {errors[0]}")
             tracking.end_run(client, parent_id, "FINISHED")
             return grid
-        yield run, ray_init
+
+        def epoch_seconds(result) -> list[float]:
+            """The trial's epoch times, as its MLflow run holds them (kdtune keeps no Tune logger files)."""
+            return [m.value for m in client.get_metric_history(result.metrics["mlflow_run_id"], "epoch_seconds")]
+        yield run, epoch_seconds, ray_init
     finally:
         ray.shutdown()
         for folder in (workdir, ray_temp):
@@ -229,14 +234,14 @@ def tune_session(spec):
 def tune_vs_sequential(args, data: SweepData) -> dict:
     """N trials through kdtune's Tune path, then the same N configs back to back with `run_trial`."""
     spec = make_spec(args, trials=args.trials, epochs=args.trial_epochs)
-    with tune_session(spec) as (run, ray_init):
+    with tune_session(spec) as (run, epoch_seconds, ray_init):
         started, clock = time.time(), Clock()
         grid = run(data)
         tune_wall = clock.lap()[0]
         results = sorted(grid, key=lambda r: r.metrics.get("timestamp", 0))
         configs = [dict(r.config) for r in results]
         in_trial = [r.metrics["time_total_s"] for r in results]  # the trainable's start to its last report
-        tune_epochs = [float(r.metrics_dataframe["epoch_seconds"].sum()) for r in results]
+        tune_epochs = [sum(epoch_seconds(r)) for r in results]
         ends = [r.metrics["timestamp"] for r in results]  # Ray's whole-second time of each trial's last report
     seq_walls, seq_epochs = [], []
     for config in configs:
@@ -288,9 +293,9 @@ def tune_epoch_vs_floor(args, data: SweepData) -> dict:
         torch.set_flush_denormal(False)  # torch's default, which run_trial in [1]-[3] changed in this thread
         for _ in range(args.rounds):
             before = floors()
-            with tune_session(spec) as (run, _):
+            with tune_session(spec) as (run, epoch_seconds, _):
                 (result,) = run(data)
-            trial = [float(s) for s in result.metrics_dataframe["epoch_seconds"]]
+                trial = epoch_seconds(result)
             floor = before + floors()
             rounds.append({"trial_epoch_seconds": trial, "floor_epoch_seconds": floor,
                            "ratio": statistics.median(trial) / statistics.median(floor)})

@@ -62,6 +62,8 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
     # MLflow is the sweep's record: Tune's default CSV, JSON and TensorBoard files per trial would
     # repeat it, for the driver's CPU (a TensorBoard writer opened per trial, every result written).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # ...whose absence Tune's ResultGrid reports with a warning line per trial when it is built
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # A reused actor waits this long for the previous trial's thread to end (Tune's default, 2 s, is
     # exceeded on a loaded machine, and the next trial then fails with "Trainable runner reuse requires
     # reset_config() ...").
