@@ -3,16 +3,20 @@
 The searcher samples from its own in-memory study, as a hand-written Tune + OptunaSearch sweep
 does, and Tune checkpoints it with the searcher. The study on record gets one write per trial,
 made where the outcome is known: a completed or diverged trial adds itself from its own process,
-after it ended its MLflow run; the driver adds the early-stopped and the failed. An RDB write per
+after it ended its MLflow run; the driver adds the early-stopped and the failed, and the trials that
+cannot reach the study (a sqlite file on another node). An RDB write per
 ask, parameter and tell in the driver's event loop cost more than all the rest of its work.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import optuna
 
 from kdtune.space import parse_space
 from kdtune.spec import Spec
 
+RECORDED_KEY = "study_recorded"  # in a completed trial's last result: False when the driver must record it
 TRIAL_ATTR = "kdtune.trial_id"  # the trial's id, as MLflow's `kdtune.trial_id` tag holds it
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 STATES = {"FINISHED": optuna.trial.TrialState.COMPLETE, "STOPPED": optuna.trial.TrialState.PRUNED,
@@ -23,6 +27,13 @@ def create(url: str, name: str, spec: Spec) -> None:
     """The study with the spec's objectives (kept as it is on --resume)."""
     optuna.create_study(study_name=name, storage=url, load_if_exists=True,
                         directions=[DIRECTIONS[o.mode] for o in spec.search.objectives])
+
+
+def reachable(url: str) -> bool:
+    """Whether this process can write the study: a sqlite file must be on its own node's disk, which
+    a trial on another node of a cluster without shared storage does not have (an RDB server is
+    reached from every node)."""
+    return not url.startswith("sqlite:///") or Path(url[len("sqlite:///"):]).is_file()
 
 
 def sampled(spec: Spec, config: dict) -> optuna.trial.FixedTrial:

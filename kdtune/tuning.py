@@ -93,7 +93,7 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
         if run_id and not metrics.get("replayed"):
             log_own_result(client, run_id, metrics, spec.train.epochs)
         if metrics.get("done") and ctx.phase == "search":
-            record_own_outcome(ctx, spec, trial_id, config, metrics)
+            metrics[study.RECORDED_KEY] = record_own_outcome(ctx, spec, trial_id, config, metrics)
         if get_state is None:
             tune.report(metrics)
             return
@@ -116,14 +116,18 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
             tracking.guarded("system metrics", monitor.finish)
 
 
-def record_own_outcome(ctx: SweepContext, spec: Spec, trial_id: str, config: dict, metrics: dict) -> None:
+def record_own_outcome(ctx: SweepContext, spec: Spec, trial_id: str, config: dict, metrics: dict) -> bool:
     """The completed search trial's outcome to the study on record (kdtune.study), after its run
-    ended; a replayed one only when it had not added itself before the driver was killed."""
+    ended; a replayed one only when it had not added itself before the driver was killed. False when
+    this process cannot reach the study (a sqlite file on another node): the driver records it."""
+    if not study.reachable(ctx.optuna_storage):
+        return False
     if metrics.get("replayed") and guarded_study("read study", study.recorded, ctx.optuna_storage, ctx.optuna_study,
                                                  trial_id, default=True):
-        return
+        return True
     status, _ = trial_status(metrics, spec.train.epochs, error=False)
     guarded_study("record trial", study.record, ctx.optuna_storage, ctx.optuna_study, spec, trial_id, config, metrics, status)
+    return True
 
 
 def guarded_study(what: str, fn, *args, default=None):
@@ -257,13 +261,14 @@ class TrackingCallback(tune.Callback):
     def _finish(self, trial, error: bool, reason: str | None = None):
         status, why = trial_status(trial.last_result, self.epochs, error)
         last = trial.last_result or {}
-        if error or not (last.get("done") or last.get("replayed")):  # a completed or replayed trial's run is ended
+        ended_by_driver = error or not (last.get("done") or last.get("replayed"))  # else the trial ended its run
+        if ended_by_driver:
             run_id = self._run_id(trial)
             if run_id:
                 tracking.guarded("end run", tracking.end_run, self.client, run_id, status, reason or why or None)
-            if self.ctx.phase == "search" and status in study.STATES:
-                guarded_study("record trial", study.record, self.ctx.optuna_storage, self.ctx.optuna_study,
-                              Spec.model_validate(self.ctx.spec_dict), str(trial), trial.config, last, status)
+        if self.ctx.phase == "search" and status in study.STATES and (
+                ended_by_driver or last.get(study.RECORDED_KEY) is False):
+            self._record(trial, last, status)
         self.done += 1
         value = last.get(self.objective)
         if status == "FINISHED" and isinstance(value, (int, float)) and not math.isnan(value):
@@ -272,6 +277,14 @@ class TrackingCallback(tune.Callback):
         best = f"best {self.objective} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no finished trial yet"
         shown = f"{self.objective} {value:.4f}" if isinstance(value, float) else ""
         print(f"[{self.done}/{self.total}] {trial} {status.lower()} {shown} | {best}", file=self.out, flush=True)
+
+    def _record(self, trial, last: dict, status: str) -> None:
+        """The trial's outcome to the study on record, unless a replayed trial added it before."""
+        url, name = self.ctx.optuna_storage, self.ctx.optuna_study
+        if last.get("replayed") and guarded_study("read study", study.recorded, url, name, str(trial), default=True):
+            return
+        guarded_study("record trial", study.record, url, name, Spec.model_validate(self.ctx.spec_dict), str(trial),
+                      trial.config, last, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)

@@ -160,6 +160,7 @@ def test_reconcile_deletes_the_run_of_a_trial_tune_never_recorded(tmp_path):
 def test_the_study_on_record_gets_each_trial_once_with_the_spaces_own_distributions(tmp_path):
     from kdtune import study
     from kdtune.loading import validate
+    from kdtune.spec import spec_to_dict
 
     spec = validate({"name": "s", "search": {"space": {"width": {"choice": [16, 32]}, "train.lr": {"loguniform": [0.001, 0.1]},
                                                       "loss": {"none": {}, "kd": {"temperature": {"uniform": [1, 8]}}}}}})
@@ -176,3 +177,13 @@ def test_the_study_on_record_gets_each_trial_once_with_the_spaces_own_distributi
     assert finished.user_attrs == {"kdtune.trial_id": "aaaa0001"}
     assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.values is None
     assert stopped.params == {"width": 32, "train.lr": 0.01, "loss": "none"}
+
+    # a trial on a node without the sqlite file leaves its outcome to the driver's callback
+    assert not study.reachable(f"sqlite:///{tmp_path / 'elsewhere' / 'optuna.db'}") and study.reachable(url)
+    assert study.reachable("postgresql://host/optuna")
+    ctx = SweepContext(spec_to_dict(spec), "", "", "", optuna_storage=url, optuna_study="s")
+    callback = TrackingCallback(ctx, epochs=3, total=1, objective="val_acc", mode="max", out=io.StringIO())
+    last = {"epoch": 3, "val_acc": 0.8, "params": 500, "done": True, study.RECORDED_KEY: False}
+    callback.on_trial_complete(1, [], NamedTrial(trial_id="aaaa0003", last_result=last, config=config))
+    third = optuna.load_study(study_name="s", storage=url).trials[-1]
+    assert third.user_attrs == {"kdtune.trial_id": "aaaa0003"} and third.values == [0.8, 500.0]
