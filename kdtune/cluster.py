@@ -2,6 +2,7 @@
 user's own model and dataset modules shipped to every node."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -24,8 +25,7 @@ def user_modules(import_paths: Iterable[str]) -> list[str]:
     found = []
     for path in import_paths:
         top = path.split(":", 1)[0].split(".")[0]
-        module = sys.modules.get(top) if top != "kdtune" else None
-        origin = getattr(module, "__file__", None)
+        origin = module_file(top) if top != "kdtune" else None
         if not origin:
             continue
         origin = Path(origin).resolve()
@@ -45,6 +45,19 @@ def use_token_auth() -> None:
                  or (Path.home() / ".ray" / "auth_token").is_file())
     if has_token and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def module_file(name: str) -> Optional[str]:
+    """The file of a top-level module, imported or not yet (Ray may start before the spec's modules
+    are imported); None for a module that cannot be found or has no file."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return getattr(module, "__file__", None)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
 
 
 def init_ray(address: Optional[str], py_modules: list[str] = ()):

@@ -19,7 +19,7 @@ from kdtune.data.resolve import load_splits
 from kdtune.data.stream import Stream
 from kdtune.distributed import TrialWorkers
 from kdtune.models.mnist import StudentMLP
-from kdtune.runner import prepare
+from kdtune.runner import prepare, with_objects
 from kdtune.space import parse_space, resolve
 from kdtune.teacher import compute_targets, get_teacher
 from kdtune.trial import SweepData, run_trial
@@ -142,11 +142,13 @@ def test_a_two_worker_checkpoint_of_the_sweep_resumes_to_the_same_epoch(sweep, d
 def test_a_streamed_trial_trains_on_two_workers_with_disjoint_shards(tmp_path, mnist_root, teacher_cache, monkeypatch):
     """data.resident: false: each worker reads its share of the epoch through its own DataLoader, and
     the teacher's outputs from the files the sweep wrote once."""
-    spec = small_spec(mnist_root, teacher_cache, data={"resident": False, "workers": 0})
+    spec = with_objects(small_spec(mnist_root, teacher_cache, data={"resident": False, "workers": 0}), None,
+                        recording_mlp, None)
     data, _, info = prepare(spec, parse_space(spec), student=recording_mlp, outputs_dir=tmp_path / "outputs")
     assert data.stream is not None and info["path"] == "streamed"
     (tmp_path / "seen").mkdir()
-    monkeypatch.setenv(SEEN, str(tmp_path / "seen"))  # before Ray starts: its workers inherit it
+    monkeypatch.setenv(SEEN, str(tmp_path / "seen"))  # before Ray starts: its workers inherit it, and
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)  # import recording_mlp
     temp_dir = init_ray(None)
     try:
         reports = []
