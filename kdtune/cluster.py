@@ -67,8 +67,6 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
         use_token_auth()
     import ray
 
-    runtime_env = {"py_modules": list(py_modules)} if py_modules else None
-
     # Tune snapshots the experiment on its own adaptive period (TUNE_GLOBAL_CHECKPOINT_S): what a
     # resume needs beyond the last snapshot is in MLflow and the Optuna study (kdtune.search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -81,6 +79,10 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
     # exceeded on a loaded machine, and the next trial then fails with "Trainable runner reuse requires
     # reset_config() ...").
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    # the trial actors read it: on a cluster they get the job's runtime_env, not the driver's environment
+    runtime_env = {"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"]}}
+    if py_modules:
+        runtime_env["py_modules"] = list(py_modules)
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, runtime_env=runtime_env, **quiet)
