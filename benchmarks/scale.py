@@ -242,7 +242,7 @@ def check_runs(folder: Path, n: int, finished_before: dict | None = None) -> dic
         checked["finished_before_kill_rerun"] = sum(
             1 for run_id in finished_before if run_id not in by_id or by_id[run_id].data.tags.get("kdtune.starts") != "1"
             or len(client.get_metric_history(run_id, "val_acc")) != EPOCHS)
-    checked["all_ok"] = (len(children) == len(complete) == n and checked["duplicate_trial_ids"] == 0
+    checked["all_ok"] = (len(children) == len(complete) == n == checked["optuna_complete"] and checked["duplicate_trial_ids"] == 0
                          and checked["running"] == 0 and checked.get("finished_before_kill_rerun", 0) == 0)
     return checked
 

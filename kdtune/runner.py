@@ -321,14 +321,17 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
     (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student; and
     whether a phase ended short of its trials (interrupted)."""
-    from kdtune.search import (collect, recovered_runs, recovered_students, run_confirm, run_search, search_size,
-                               trained)
+    from kdtune.search import (collect, record_recovered, recovered_runs, recovered_students, run_confirm, run_search,
+                               search_size, trained)
 
     columns = space.columns + ["seed", "source_trial"]
     grid = run_search(spec, space, data, ctx, storage, resume)
     lost = recovered_runs(grid, ctx) if resume else []  # only a killed driver's snapshot can miss a trial
     if lost:
         log(f"{len(lost)} trial(s) that ended after Tune's last snapshot before a driver kill recovered from MLflow")
+        added = tracking.guarded("record recovered trials", record_recovered, ctx, spec, lost, default=0)
+        if added:
+            log(f"Optuna: {added} recovered trial(s) added to the study on record")
     trials = collect(grid, columns, spec, "search", _ended(client, ctx), lost)
     students = {("search", tid): found for tid, found in trained(grid).items()}
     students.update({("search", tid): found for tid, found in recovered_students(lost, f"{storage}/search").items()})

@@ -12,7 +12,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from kdtune import results, tracking
+from kdtune import results, study, tracking
 from kdtune.space import SearchSpace, resolve
 from kdtune.tuning import (KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable,
                            trial_status)
@@ -180,6 +180,18 @@ def recovered_students(runs: list, folder: str) -> dict[str, tuple[dict, "tune.C
         trial_folder = next(Path(folder).glob(f"{trial_id}_*"), None) if Path(folder).is_dir() else None
         found[trial_id] = (recovered_config(run), newest_checkpoint(trial_folder))
     return found
+
+
+def record_recovered(ctx: SweepContext, spec, runs: list) -> int:
+    """Add to the study on record the recovered trials that had not added themselves (the driver
+    was killed, and their actors with it, between a trial ending its run and its study write)."""
+    url, name = ctx.optuna_storage, ctx.optuna_study
+    held = study.recorded_ids(url, name)
+    missing = [run for run in runs if run.data.tags[tracking.TRIAL_TAG] not in held]
+    for run in missing:
+        study.record(url, name, spec, run.data.tags[tracking.TRIAL_TAG], recovered_config(run), run.data.metrics,
+                     run.data.tags["kdtune.status"])
+    return len(missing)
 
 
 def _row(spec, phase: str, trial_id: str, config: dict, metrics: dict, status: str, reason: str) -> dict:

@@ -54,7 +54,12 @@ def record(url: str, name: str, spec: Spec, trial_id: str, config: dict, metrics
     optuna.load_study(study_name=name, storage=url).add_trial(trial)
 
 
+def recorded_ids(url: str, name: str) -> set[str]:
+    """The trial ids the study holds."""
+    study = optuna.load_study(study_name=name, storage=url)
+    return {t.user_attrs.get(TRIAL_ATTR) for t in study.get_trials(deepcopy=False)}
+
+
 def recorded(url: str, name: str, trial_id: str) -> bool:
     """Whether the study holds the trial (a trial replayed after a driver kill may have added itself)."""
-    study = optuna.load_study(study_name=name, storage=url)
-    return any(t.user_attrs.get(TRIAL_ATTR) == trial_id for t in study.get_trials(deepcopy=False))
+    return trial_id in recorded_ids(url, name)
