@@ -329,7 +329,7 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
     lost = recovered_runs(grid, ctx) if resume else []  # only a killed driver's snapshot can miss a trial
     if lost:
         log(f"{len(lost)} trial(s) that ended after Tune's last snapshot before a driver kill recovered from MLflow")
-        added = tracking.guarded("record recovered trials", record_recovered, ctx, spec, lost, default=0)
+        added = study.guarded("record recovered trials", record_recovered, ctx, spec, lost, default=0)
         if added:
             log(f"Optuna: {added} recovered trial(s) added to the study on record")
     trials = collect(grid, columns, spec, "search", _ended(client, ctx), lost)

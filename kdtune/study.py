@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from kdtune import tracking
 from kdtune.space import parse_space
 from kdtune.spec import Spec
 
@@ -63,3 +64,13 @@ def recorded_ids(url: str, name: str) -> set[str]:
 def recorded(url: str, name: str, trial_id: str) -> bool:
     """Whether the study holds the trial (a trial replayed after a driver kill may have added itself)."""
     return trial_id in recorded_ids(url, name)
+
+
+def guarded(what: str, fn, *args, default=None):
+    """`fn(*args)`, or `default` when the study's storage fails: the trial's training counts more
+    than its line in the study (MLflow holds its outcome too)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any storage failure
+        print(f"kdtune: Optuna study unavailable ({what}): {tracking.first_line(exc)}", flush=True)
+        return default

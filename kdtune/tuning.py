@@ -60,7 +60,7 @@ def load_state(checkpoint: tune.Checkpoint, device="cpu") -> dict:
 def trial_tags(plan, ctx: SweepContext, config: dict) -> dict:
     """Tags the MLflow UI groups and filters trial runs by: phase, method, student and sweep
     (the parent run). The student's size, `kdtune.params`, follows with the first epoch. The
-    config and the Optuna trial number let a resume rebuild a trial Tune's snapshot missed."""
+    config lets a resume rebuild a trial Tune's snapshot missed."""
     return {"kdtune.phase": ctx.phase, "kdtune.loss": plan.method, "kdtune.student": plan.student,
             "kdtune.sweep": ctx.parent_run_id, tracking.CONFIG_TAG: json.dumps(config, default=str)}
 
@@ -118,26 +118,22 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
 
 def record_own_outcome(ctx: SweepContext, spec: Spec, trial_id: str, config: dict, metrics: dict) -> bool:
     """The completed search trial's outcome to the study on record (kdtune.study), after its run
-    ended; a replayed one only when it had not added itself before the driver was killed. False when
-    this process cannot reach the study (a sqlite file on another node): the driver records it."""
+    ended. False when this process cannot reach the study (a sqlite file on another node): the
+    driver records it."""
     if not study.reachable(ctx.optuna_storage):
         return False
-    if metrics.get("replayed") and guarded_study("read study", study.recorded, ctx.optuna_storage, ctx.optuna_study,
-                                                 trial_id, default=True):
-        return True
     status, _ = trial_status(metrics, spec.train.epochs, error=False)
-    guarded_study("record trial", study.record, ctx.optuna_storage, ctx.optuna_study, spec, trial_id, config, metrics, status)
+    record_outcome(ctx, spec, trial_id, config, metrics, status)
     return True
 
 
-def guarded_study(what: str, fn, *args, default=None):
-    """`fn(*args)`, or `default` when the study's storage fails: the trial's training counts more
-    than its line in the study (MLflow holds its outcome too)."""
-    try:
-        return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - any storage failure
-        print(f"kdtune: Optuna study unavailable ({what}): {tracking.first_line(exc)}", flush=True)
-        return default
+def record_outcome(ctx: SweepContext, spec: Spec, trial_id: str, config: dict, metrics: dict, status: str) -> None:
+    """The trial's outcome to the study on record, unless a replayed trial added it before the
+    driver was killed."""
+    url, name = ctx.optuna_storage, ctx.optuna_study
+    if metrics.get("replayed") and study.guarded("read study", study.recorded, url, name, trial_id, default=True):
+        return
+    study.guarded("record trial", study.record, url, name, spec, trial_id, config, metrics, status)
 
 
 def log_own_result(client, run_id: str, metrics: dict, epochs: int) -> None:
@@ -268,7 +264,7 @@ class TrackingCallback(tune.Callback):
                 tracking.guarded("end run", tracking.end_run, self.client, run_id, status, reason or why or None)
         if self.ctx.phase == "search" and status in study.STATES and (
                 ended_by_driver or last.get(study.RECORDED_KEY) is False):
-            self._record(trial, last, status)
+            record_outcome(self.ctx, Spec.model_validate(self.ctx.spec_dict), str(trial), trial.config, last, status)
         self.done += 1
         value = last.get(self.objective)
         if status == "FINISHED" and isinstance(value, (int, float)) and not math.isnan(value):
@@ -277,14 +273,6 @@ class TrackingCallback(tune.Callback):
         best = f"best {self.objective} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no finished trial yet"
         shown = f"{self.objective} {value:.4f}" if isinstance(value, float) else ""
         print(f"[{self.done}/{self.total}] {trial} {status.lower()} {shown} | {best}", file=self.out, flush=True)
-
-    def _record(self, trial, last: dict, status: str) -> None:
-        """The trial's outcome to the study on record, unless a replayed trial added it before."""
-        url, name = self.ctx.optuna_storage, self.ctx.optuna_study
-        if last.get("replayed") and guarded_study("read study", study.recorded, url, name, str(trial), default=True):
-            return
-        guarded_study("record trial", study.record, url, name, Spec.model_validate(self.ctx.spec_dict), str(trial),
-                      trial.config, last, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, error=False)
