@@ -18,7 +18,8 @@ EVALUATED = re.compile(r"^val_[A-Za-z0-9_]+$")  # val_<name> of a metric the `ev
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # each field's docstring is its description in the JSON Schema (kdtune/spec.schema.json) and the docs
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
 def check_arch(value: str) -> str:
@@ -53,24 +54,38 @@ class Augment(Strict):
     """Random crop with zero padding `crop` and horizontal flips, drawn on the trial's device."""
 
     crop: int = Field(0, ge=0)
+    """Zero padding in pixels around each image before a random crop back to its size; 0: no crop."""
     flip: bool = False
+    """Random horizontal flips."""
 
 
 class DataSpec(Strict):
-    dataset: str = "mnist"  # a built-in name or an import path `package.module:factory`
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to an import path's factory
+    dataset: str = "mnist"
+    """A built-in dataset, or an import path `package.module:factory` returning `(train, test)` or DataLoaders."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to an import path's dataset factory."""
     root: str = "data"
+    """Folder that holds (or receives) the dataset's files."""
     download: bool = False
+    """Download a built-in dataset that is missing under `data.root`."""
     val_size: int = Field(5000, ge=1)
+    """Images split off the training set for validation with the spec's seed (when no validation set is given)."""
     train_limit: Optional[int] = Field(None, ge=2)
+    """Use only the first N training images (validation included)."""
     test_limit: Optional[int] = Field(None, ge=1)
+    """Use only the first N test images."""
     num_classes: Optional[int] = Field(None, ge=2)
+    """Number of classes, where the dataset does not say (streamed data without `classes` or `targets`)."""
     augment: Augment = Field(default_factory=Augment)
-    # auto: resident tensors when the training set fits resident_mb and reads the same twice, else streamed
+    """Random crops and flips of the students' training batches."""
     resident: Union[Literal["auto"], bool] = "auto"
-    resident_mb: Optional[float] = Field(None, gt=0)  # default: a quarter of the machine's memory
-    workers: int = Field(0, ge=0)  # DataLoader worker processes of a streamed trial
-    prefetch: int = Field(2, ge=1)  # batches each worker loads ahead
+    """auto: in memory when the training set fits `resident_mb` and reads the same twice, else streamed."""
+    resident_mb: Optional[float] = Field(None, gt=0)
+    """Largest float32 training set `resident: auto` holds, in MB; default a quarter of the machine's memory."""
+    workers: int = Field(0, ge=0)
+    """DataLoader worker processes of a streamed trial; 0 loads in the trial's process."""
+    prefetch: int = Field(2, ge=1)
+    """Batches each DataLoader worker loads ahead."""
 
     _dataset = field_validator("dataset")(check_dataset)
 
@@ -84,22 +99,31 @@ class DataSpec(Strict):
 
 class Schedule(Strict):
     type: Literal["constant", "cosine", "step", "onecycle"] = "constant"
+    """Learning-rate schedule over the epochs."""
     warmup_epochs: float = Field(0, ge=0)
+    """Epochs of linear warm-up (onecycle: epochs to the peak)."""
     milestones: list[int] = Field(default_factory=list)
+    """`step`: epochs at which the learning rate is multiplied by `gamma`."""
     gamma: float = Field(0.1, gt=0)
+    """`step`: the factor applied at each milestone."""
 
 
 class FeatureNodes(Strict):
     """Graph nodes (torchvision.models.feature_extraction names) of a model that is not built in."""
 
     embedding: Optional[str] = None
+    """Node whose output is the penultimate embedding (FitNet, RKD, CRD and SRRL read it)."""
     maps: list[str] = Field(default_factory=list)
+    """Nodes whose outputs are the stage feature maps (AT reads the last two)."""
 
 
 class ModelSpec(Strict):
-    arch: str  # a built-in name, `torchvision:<name>` or an import path `package.module:factory`
+    arch: str
+    """A built-in name, `torchvision:<name>` or an import path `package.module:factory`."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the model's factory; `student.kwargs.<name>` can be searched."""
     features: Optional[FeatureNodes] = None
+    """Graph nodes to read features from, for models that are not built in."""
 
     _arch = field_validator("arch")(check_arch)
 
@@ -108,104 +132,166 @@ class TeacherSpec(ModelSpec):
     """The teacher, and the recipe kdtune trains it with when no checkpoint is given."""
 
     arch: str = "mnist_cnn"
+    """A built-in name, `torchvision:<name>` or an import path `package.module:factory`."""
     checkpoint: Optional[str] = None
+    """A state_dict (or saved module) to load; without it kdtune trains the teacher once and caches it."""
     epochs: int = Field(3, ge=1)
+    """Epochs of the teacher's training."""
     lr: float = Field(1.0, gt=0)
+    """The teacher's learning rate."""
     batch_size: int = Field(64, ge=1)
+    """The teacher's batch size."""
     optimizer: Literal["adam", "adamw", "sgd", "adadelta"] = "adadelta"
+    """The teacher's optimizer."""
     momentum: float = Field(0.9, ge=0, le=1)
+    """SGD momentum of the teacher's optimizer."""
     weight_decay: float = Field(0.0, ge=0)
+    """The teacher's weight decay."""
     schedule: Schedule = Field(default_factory=lambda: Schedule(type="step", gamma=0.7, milestones=[1, 2, 3, 4, 5]))
+    """The teacher's learning-rate schedule (default: step, gamma 0.7 at epochs 1 to 5)."""
     augment: Augment = Field(default_factory=Augment)
+    """Random crops and flips of the teacher's training batches."""
     cache_dir: Optional[str] = None
+    """Where trained teachers are cached; default `KDTUNE_CACHE` or `~/.cache/kdtune`."""
     feature_cache_mb: float = Field(1024, ge=0)
+    """Memory for the teacher's cached feature maps, in MB; maps that do not fit are computed live."""
     cache: Literal["auto", "outputs", "augmentations", "live"] = "auto"
+    """How trials get the teacher's targets: once per image, once per augmented view, live on every batch, or auto."""
     cache_mb: float = Field(4096, ge=0)
-    topk: Optional[int] = Field(None, ge=1)  # streamed data: keep each image's k largest logits on disk
+    """Budget for cached teacher targets, in MB; targets that do not fit run live."""
+    topk: Optional[int] = Field(None, ge=1)
+    """Streamed data: keep each image's k largest logits on disk (and the mean of the rest)."""
 
 
 class StudentSpec(ModelSpec):
     arch: str = "mlp"
-    width: Optional[int] = Field(None, ge=1)  # each family has its own default
+    """A built-in name, `torchvision:<name>` or an import path `package.module:factory`."""
+    width: Optional[int] = Field(None, ge=1)
+    """The family's base width; each family has its own default."""
 
 
 class TrainSpec(Strict):
     epochs: int = Field(5, ge=1)
+    """Epochs of each trial."""
     batch_size: int = Field(128, ge=1)
+    """Batch size of each trial (per worker and micro-batch)."""
     optimizer: Literal["adam", "adamw", "sgd", "adadelta"] = "adam"
+    """The students' optimizer."""
     lr: float = Field(0.001, gt=0)
+    """The students' learning rate."""
     momentum: float = Field(0.9, ge=0, le=1)
+    """SGD momentum."""
     nesterov: bool = False
+    """Nesterov momentum for SGD."""
     weight_decay: float = Field(0.0, ge=0)
+    """Weight decay."""
     schedule: Schedule = Field(default_factory=Schedule)
+    """Learning-rate schedule of each trial."""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Label smoothing of the cross-entropy term."""
     ce_weight: float = Field(1.0, ge=0)
+    """Weight of the cross-entropy term beside the method's terms."""
     checkpoint_every: int = Field(2, ge=1)
-    mixed_precision: bool = True  # bf16 autocast of forward and losses on CUDA; CPUs train in fp32
-    accumulate: int = Field(1, ge=1)  # micro-batches of batch_size per optimizer step (gradient accumulation)
+    """Epochs between a trial's checkpoints."""
+    mixed_precision: bool = True
+    """bf16 autocast of forward passes and losses on CUDA; CPUs train in fp32."""
+    accumulate: int = Field(1, ge=1)
+    """Micro-batches of `batch_size` per optimizer step (gradient accumulation)."""
 
 
 class Objective(Strict):
     metric: str
+    """`val_acc`, `val_loss`, `params`, `extra_params`, or `val_<name>` of a metric the `evaluate` function returns."""
     mode: Literal["max", "min"]
+    """Whether to maximise or minimise the metric."""
 
     _metric = field_validator("metric")(check_metric)
 
 
 class SchedulerSpec(Strict):
     type: Literal["asha"]
+    """The early-stopping scheduler."""
     grace_period: int = Field(1, ge=1)
+    """Epochs a trial runs before it can be stopped."""
     reduction_factor: float = Field(3, gt=1)
+    """ASHA's reduction factor: 1/factor of the trials go on at each rung."""
 
 
 class SearchSpec(Strict):
     space: dict[str, Any] = Field(default_factory=dict)
+    """Dotted keys (`train.lr`, `width`, `loss`, ...) to a value or `{choice|uniform|loguniform|int: ...}`."""
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective(metric="val_acc", mode="max"), Objective(metric="params", mode="min")],
         min_length=1)
+    """`{metric, mode}` pairs; the first validation metric chooses the trials that confirmation reruns."""
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    """Optuna's sampler."""
     num_samples: int = Field(24, ge=1)
+    """Trials the sampler proposes (baselines come on top)."""
     max_concurrent: int = Field(2, ge=1)
+    """Most trials run at once."""
     baselines: bool = True
+    """Run `loss: none` at every width (and arch) choice first, for the KD-gain table."""
     scheduler: Optional[SchedulerSpec] = None
+    """Stop weak trials early (`{type: asha}`)."""
     max_failures: int = Field(0, ge=0)
+    """Retries of a trial that raises."""
     confirm_seeds: int = Field(3, ge=0)
-    optuna_storage: Optional[str] = None  # the study's RDB URL; default sqlite:///<results>/<name>/optuna.db
+    """Fresh seeds to retrain each front size's best distilled and baseline configuration with; 0: none."""
+    optuna_storage: Optional[str] = None
+    """The Optuna study's RDB URL; default sqlite in `results/<name>/optuna.db`."""
 
 
 class Resources(Strict):
     """Per worker; a trial is `workers` data-parallel workers (Ray Train), 1: a single process."""
 
     cpu: float = Field(1, gt=0)
+    """CPUs per worker."""
     gpu: float = Field(0, ge=0)
+    """GPUs per worker; a fraction shares a GPU between trials."""
     workers: int = Field(1, ge=1)
+    """Data-parallel workers per trial (Ray Train); 1: a single process."""
 
 
 class RaySpec(Strict):
     address: Optional[str] = None
+    """Ray cluster to join (`HOST:PORT` or `auto`, as `--address`); default a private local Ray."""
     storage_path: Optional[str] = None
+    """Where Ray keeps trial state and checkpoints: a shared path or an `s3://` or `gs://` URI (as `--storage`)."""
 
 
 class MlflowSpec(Strict):
     tracking_uri: Optional[str] = None
+    """MLflow tracking URI (as `--tracking-uri`); default `sqlite:///mlflow.db`."""
 
 
 class Spec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The sweep's name: its MLflow experiment and its folder under the results directory."""
     seed: int = 0
+    """Fixes the validation split, data order, initialisation and the sampler."""
     data: DataSpec = Field(default_factory=DataSpec)
+    """The dataset and how it is read."""
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    """The teacher, and its training recipe when no checkpoint is given."""
     student: StudentSpec = Field(default_factory=StudentSpec)
+    """The student family."""
     train: TrainSpec = Field(default_factory=TrainSpec)
+    """Each trial's training recipe."""
     search: SearchSpec = Field(default_factory=SearchSpec)
+    """The search space, objectives and sampler."""
     resources: Resources = Field(default_factory=Resources)
+    """Resources of each trial, per worker."""
     ray: RaySpec = Field(default_factory=RaySpec)
+    """Where Ray runs."""
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
-    evaluate: Optional[str] = None  # `package.module:function(model, data_loader) -> {name: number}`
+    """Where MLflow is."""
+    evaluate: Optional[str] = None
+    """The project's own evaluation: `package.module:function(model, data_loader) -> {name: number}`."""
 
     _evaluate = field_validator("evaluate")(check_evaluate)
-    # what --smoke sets besides kdtune's own shrinking, in this layout (e.g. {train: {epochs: 3}})
     smoke: Optional[dict[str, Any]] = None
+    """What `--smoke` sets besides kdtune's own shrinking, in the spec's layout (e.g. `{train: {epochs: 3}}`)."""
 
 
 def spec_to_dict(spec: Spec) -> dict:

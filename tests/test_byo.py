@@ -83,6 +83,7 @@ def trained_teacher(train: Digits) -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_python_api_with_objects_defined_in_the_test(tmp_path, digits, teacher_cache):
     teacher = trained_teacher(digits[0])
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -126,6 +127,7 @@ def test_python_api_with_objects_defined_in_the_test(tmp_path, digits, teacher_c
     assert float(done.stdout.split()[-1]) == pytest.approx(best["test_acc"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_import_paths_through_the_cli(tmp_path, run_cli):
     """examples/custom/digits.py by import path: teacher, student family and dataset factory."""
     env_path = os.environ.get("PYTHONPATH")

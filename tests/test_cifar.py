@@ -113,6 +113,7 @@ def test_a_missing_copy_exits_2_naming_the_folder_and_the_download_option(tmp_pa
     assert f"no copy in {folder}/" in err and "data.download: true" in err and official(name).filename in err
 
 
+@pytest.mark.slow
 def test_the_cifar100_spec_runs_end_to_end_with_smoke(cifar_root, tmp_path, run_cli):
     root, _ = cifar_root
     done = run_cli([REPO / "search_spaces" / "cifar100.yaml", "--smoke", "--set", f"data.root={root}"], tmp_path,

@@ -25,7 +25,7 @@ import pytest
 from conftest import LIGHT_SMOKE
 
 RAY = shutil.which("ray")
-pytestmark = pytest.mark.skipif(RAY is None, reason="needs the `ray` CLI (pip install 'ray[default]')")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(RAY is None, reason="needs the `ray` CLI (pip install 'ray[default]')")]
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "search_spaces" / "mnist.yaml"

@@ -77,6 +77,7 @@ def test_top1_top5_counts_as_an_independent_ranking_does(splits):
         "acc": pytest.approx(float((three.numpy().argmax(1) == labels.numpy()).mean())), "top5": 1.0}
 
 
+@pytest.mark.slow
 def test_f1_macro_is_the_first_objective_of_a_real_sweep(tmp_path, mnist_root, teacher_cache, splits):
     spec = kdtune.load_spec(SPEC, {
         "data.root": str(mnist_root), "teacher.cache_dir": str(teacher_cache), **SMALL, "train.epochs": 2,

@@ -25,8 +25,8 @@ psycopg = pytest.importorskip("psycopg", reason="needs psycopg, SQLAlchemy's Pos
 BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
 INITDB = shutil.which("initdb") or (BIN and shutil.which("initdb", path=BIN))
 PG_CTL = shutil.which("pg_ctl") or (BIN and shutil.which("pg_ctl", path=BIN))
-pytestmark = [pytest.mark.skipif(not (INITDB and PG_CTL), reason="needs PostgreSQL's initdb and pg_ctl "
-                                                                 "(Debian: apt-get install postgresql)"),
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (INITDB and PG_CTL), reason="needs PostgreSQL's initdb and pg_ctl "
+                                                                                   "(Debian: apt-get install postgresql)"),
               pytest.mark.skipif(MLFLOW is None, reason="needs the `mlflow` CLI")]
 USER = "kdtune"
 

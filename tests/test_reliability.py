@@ -44,6 +44,7 @@ def study_of(cwd, name="rel") -> optuna.Study:
         return pickle.load(f)["_ot_study"]
 
 
+@pytest.mark.slow
 def test_diverging_trial_fails_as_diverged_and_the_sweep_goes_on(tmp_path, run_cli):
     spec = write_spec(tmp_path / "s.yaml", train={"optimizer": "sgd"},
                       search={"space": {"width": 16, "train.lr": {"choice": [0.05, 1.0e12]}, "loss": {"none": {}}},
@@ -64,6 +65,7 @@ def test_diverging_trial_fails_as_diverged_and_the_sweep_goes_on(tmp_path, run_c
     assert states[0.05] == optuna.trial.TrialState.COMPLETE
 
 
+@pytest.mark.slow
 def test_raising_trial_is_recorded_retried_and_the_sweep_completes(tmp_path, run_cli):
     # a CRD memory bank of 2500 x 1e9 floats cannot be allocated: a real out-of-memory error
     spec = write_spec(tmp_path / "s.yaml", search={"space": {"width": 16, "loss": {"none": {}, "crd": {"feat_dim": 1000000000}}},
@@ -83,6 +85,7 @@ def test_raising_trial_is_recorded_retried_and_the_sweep_completes(tmp_path, run
         assert run.data.tags["kdtune.starts"] == "2"  # first try + search.max_failures=1 retry
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_fails_before_any_training(tmp_path, run_cli):
     spec = write_spec(tmp_path / "s.yaml")
     started = time.time()
@@ -92,6 +95,7 @@ def test_unreachable_tracking_server_fails_before_any_training(tmp_path, run_cli
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "other-arch"])
 def test_bad_teacher_checkpoint_is_a_clear_error_naming_the_file(tmp_path, run_cli, problem):
     checkpoint = tmp_path / f"{problem}.pt"
@@ -124,6 +128,7 @@ def test_a_kill_while_writing_leaves_the_previous_file_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_trials_ends_runs_killed_and_writes_partial_results(tmp_path, run_cli):
     spec = write_spec(tmp_path / "s.yaml", train={"epochs": 30},
                       search={"space": {"width": {"choice": [16, 32]}, "loss": {"none": {}}}, "num_samples": 6})
@@ -151,6 +156,7 @@ def test_ctrl_c_stops_trials_ends_runs_killed_and_writes_partial_results(tmp_pat
     assert parent.info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_same_spec_and_seed_give_the_same_configurations_and_metrics(tmp_path, run_cli):
     spec = write_spec(tmp_path / "s.yaml", search={
         "space": {"width": {"choice": [16, 32]}, "train.lr": {"loguniform": [0.0005, 0.005]},

@@ -18,6 +18,7 @@ from kdtune import tracking
 from kdtune.tuning import SweepContext, TrackingCallback
 
 
+@pytest.mark.slow
 def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path, run_cli):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({

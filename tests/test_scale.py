@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from test_cluster import RAY, new_cluster, start_head
 
-pytestmark = pytest.mark.skipif(RAY is None, reason="needs the `ray` CLI (pip install 'ray[default]')")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(RAY is None, reason="needs the `ray` CLI (pip install 'ray[default]')")]
 
 SLOTS, TRIALS, EPOCHS = 8, 12, 2
 KILL_AFTER = SLOTS + 1  # finished trials: more than the first step can have started, so some began after it

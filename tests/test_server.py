@@ -23,7 +23,7 @@ from conftest import LIGHT_SMOKE, SPEC
 
 HOST = "127.0.0.1"
 MLFLOW = shutil.which("mlflow")
-pytestmark = pytest.mark.skipif(MLFLOW is None, reason="needs the `mlflow` CLI")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MLFLOW is None, reason="needs the `mlflow` CLI")]
 
 
 def free_port() -> int:

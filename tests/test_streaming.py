@@ -148,6 +148,7 @@ class Unlabelled(Dataset):
         return torch.zeros(1, 28, 28)
 
 
+@pytest.mark.slow
 def test_dataloaders_given_to_kdtune_run(on_disk, tmp_path, teacher_cache):
     full = DiskDigits(*on_disk[:2])
     first = torch.utils.data.Subset(full, range(400))
@@ -170,6 +171,7 @@ def test_dataloaders_given_to_kdtune_run(on_disk, tmp_path, teacher_cache):
     assert run.data.metrics["teacher_live_batches"] == 0
 
 
+@pytest.mark.slow
 def test_imagenet_spec_smoke_on_a_tiny_image_folder(tmp_path, run_cli):
     """search_spaces/imagenet.yaml end to end with --smoke: PNG class folders and a ResNet-50
     checkpoint written here, 32-pixel crops to keep it fast."""

@@ -30,6 +30,7 @@ def smoke(tmp_path_factory, mnist_root, teacher_cache):
             "trials": pd.read_csv(out / "trials.csv"), "summary": json.loads((out / "summary.json").read_text())}
 
 
+@pytest.mark.slow
 def test_result_files_and_terminal_tables(smoke):
     out, trials = smoke["out"], smoke["trials"]
     for column in ["trial_id", "loss", "student.arch", "width", "student", "mlp.width", "gapnet.width", "train.lr", "kd.temperature", "kd.alpha", "fitnet.beta", "rkd.beta",
@@ -62,6 +63,7 @@ def test_result_files_and_terminal_tables(smoke):
     assert "Pareto-optimal students" in smoke["stdout"] and "KD gain" in smoke["stdout"]
 
 
+@pytest.mark.slow
 def test_mlflow_parent_and_child_runs(smoke):
     runs, trials, client = smoke["runs"], smoke["trials"], smoke["client"]
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -94,6 +96,7 @@ def test_mlflow_parent_and_child_runs(smoke):
         assert len([m for m in run.data.metrics if m.startswith("loss_")]) >= 2
 
 
+@pytest.mark.slow
 def test_smoke_answers_the_question(smoke):
     """--smoke still trains: the teacher clearly ahead of every student on the front, each of them
     far above chance (10%), and no warning against those numbers."""
@@ -104,6 +107,7 @@ def test_smoke_answers_the_question(smoke):
     assert summary["teacher_gap"]["warning"] is None and "WARNING" not in smoke["stdout"]
 
 
+@pytest.mark.slow
 def test_one_kind_of_trial_id_in_terminal_csv_and_run_names(smoke):
     trials, runs, stdout = smoke["trials"], smoke["runs"], smoke["stdout"]
     assert set(trials["phase"]) == {"search", "confirm"}
@@ -117,12 +121,14 @@ def test_one_kind_of_trial_id_in_terminal_csv_and_run_names(smoke):
         assert run.info.run_name == f"{row['trial_id']} {row['loss']} {row['student']}"
 
 
+@pytest.mark.slow
 def test_teacher_outputs_computed_once_per_split(smoke):
     assert smoke["summary"]["teacher_forward_passes"] == {"train": 1, "test": 1}
     children = [r for r in smoke["runs"] if "mlflow.parentRunId" in r.data.tags]
     assert all(r.data.metrics["teacher_live_batches"] == 0 for r in children)
 
 
+@pytest.mark.slow
 def test_confirmation_runs_and_interval_arithmetic(smoke):
     trials, runs = smoke["trials"], smoke["runs"]
     reruns = trials[trials["phase"] == "confirm"]
@@ -148,6 +154,7 @@ def test_confirmation_runs_and_interval_arithmetic(smoke):
         assert row["verdict"] == expected
 
 
+@pytest.mark.slow
 def test_confirmed_front_is_non_dominated(smoke):
     front = pd.read_csv(smoke["out"] / "pareto.csv")
     reruns = smoke["trials"][smoke["trials"]["phase"] == "confirm"]
@@ -163,6 +170,7 @@ def test_confirmed_front_is_non_dominated(smoke):
         assert any((p["val_acc"] >= other["val_acc"]) and (p["params"] <= other["params"]) for _, p in front.iterrows())
 
 
+@pytest.mark.slow
 def test_a_space_naming_every_method_runs_each_of_them(tmp_path, run_cli):
     import yaml
     from kdtune.distill import METHODS
@@ -181,6 +189,7 @@ def test_a_space_naming_every_method_runs_each_of_them(tmp_path, run_cli):
     assert (trials.loc[trials["loss"].isin(["fitnet", "crd"]), "extra_params"] > 0).all()
 
 
+@pytest.mark.slow
 def test_a_weak_teacher_is_flagged(tmp_path, run_cli):
     """A teacher below its students cannot teach them: the summary and terminal say so, with its numbers."""
     done = run_cli([REPO / "search_spaces" / "mnist-mlp.yaml", "--smoke", "--set", "teacher.lr=0.00001",

@@ -77,6 +77,7 @@ def sweep(tmp_path_factory, mnist_root, teacher_cache):
     return result, out
 
 
+@pytest.mark.slow
 def test_each_method_trains_on_two_workers_with_disjoint_shards(sweep):
     result, out = sweep
     trials = result.trials
@@ -92,6 +93,7 @@ def test_each_method_trains_on_two_workers_with_disjoint_shards(sweep):
         assert len(first) == len(second) == TRAIN // 2 and len(first | second) == TRAIN
 
 
+@pytest.mark.slow
 def test_one_mlflow_run_per_trial_with_its_epochs(sweep):
     result, out = sweep
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -117,6 +119,7 @@ def data(mnist_root, teacher_cache):
     return SweepData(splits, targets, teacher)
 
 
+@pytest.mark.slow
 def test_a_two_worker_checkpoint_of_the_sweep_resumes_to_the_same_epoch(sweep, data, mnist_root, teacher_cache):
     """The CRD trial's epoch-1 checkpoint, resumed on two new workers, gives the sweep's epoch 2."""
     result, out = sweep
@@ -139,6 +142,7 @@ def test_a_two_worker_checkpoint_of_the_sweep_resumes_to_the_same_epoch(sweep, d
         assert [m.step for m in swept] == [1, 2] and resumed[0][key] == pytest.approx(swept[-1].value, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_streamed_trial_trains_on_two_workers_with_disjoint_shards(tmp_path, mnist_root, teacher_cache, monkeypatch):
     """data.resident: false: each worker reads its share of the epoch through its own DataLoader, and
     the teacher's outputs from the files the sweep wrote once."""
@@ -183,6 +187,7 @@ def test_two_accumulated_micro_batches_step_as_one_batch_of_twice_the_size(mnist
         torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_more_workers_than_the_cluster_holds_exits_2_naming_the_key(tmp_path, run_cli):
     done = run_cli([SPEC, "--smoke", "--set", "resources.workers=64"], cwd=tmp_path, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
