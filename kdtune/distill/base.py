@@ -105,8 +105,10 @@ class Distiller(nn.Module):
 
 
 METHODS: dict[str, type[Distiller]] = {}
+"""Every registered method by name: the keys a spec's `search.space.loss` may use."""
 
 
 def register(cls: type[Distiller]) -> type[Distiller]:
+    """Class decorator: adds a method to METHODS under its `name`, so specs can search it."""
     METHODS[cls.name] = cls
     return cls
