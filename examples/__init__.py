@@ -1,1 +1,1 @@
-"""Examples of bringing your own teacher, student and data to kdtune (see README)."""
+"""Examples of bringing your own teacher, student and data to kdtune (see docs/byo.md)."""

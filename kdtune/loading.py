@@ -17,7 +17,7 @@ from kdtune.spec import Spec, spec_to_dict
 # `--smoke`: the same sweep (its families, methods, search and confirmation) shrunk for a short
 # run on a few CPU cores, one per trial (streamed data read in the trial's own process), so a
 # GPU-cluster spec is checked on a laptop. The shrunk recipes still train: a teacher clearly
-# ahead, students far above chance (README: "Set-up").
+# ahead, students far above chance (docs/getting-started.md).
 SMOKE_FIXED = {"data.val_size": 1000, "data.test_limit": 1000, "search.scheduler": None,
                "resources.cpu": 1, "resources.gpu": 0, "data.workers": 0}
 SMOKE_TRAIN_LIMIT, SMOKE_BATCH_SIZE, SMOKE_SAMPLES, SMOKE_SEEDS = 12000, 128, 4, 2

@@ -20,7 +20,7 @@ def parse_args(argv):
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     parser.add_argument("--smoke", action="store_true",
                         help="the same sweep shrunk for a short CPU run: a data slice, 2-3 epochs, 4 samples, "
-                             "2 seeds (README: Set-up)")
+                             "2 seeds (docs/getting-started.md)")
     parser.add_argument("--address", help="join an existing Ray cluster (default: a private local one)")
     parser.add_argument("--storage", help="where Ray keeps trial state: shared path or s3:// / gs:// URI")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this spec")

@@ -158,6 +158,7 @@ def test_features_maps_and_classifier(name):
         torch.testing.assert_close(restored(torch.zeros(1, *CIFAR)).logits, model(torch.zeros(1, *CIFAR)).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_a_batch_on_cifar_nets(name):
     """resnet8x4 as published, taught by a narrow resnet32x4 (width 16 keeps the test cheap)."""
@@ -187,6 +188,7 @@ def run_listing(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_listing_csv_has_every_builtin_with_its_count():
     table = pd.read_csv(io.StringIO(run_listing("--format", "csv")))
     assert {"name", "params"} <= set(table.columns)
@@ -201,6 +203,7 @@ def test_listing_csv_has_every_builtin_with_its_count():
     assert ten.loc["wrn_40_2", "params"] == wrn_params(40, 32, classes=10)
 
 
+@pytest.mark.slow
 def test_listing_table_is_readable():
     text = run_listing()
     assert text.split()[:2] == ["name", "family"]

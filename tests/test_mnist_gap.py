@@ -91,6 +91,7 @@ def test_short_training_beats_chance():
     assert accuracy > 0.6, accuracy  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_the_default_teacher_recipe_trains_and_caches_on_a_slice(tmp_path):
     """The default spec's teacher (gapnet_dense, AdamW one-cycle, shifts of 2 pixels) through kdtune's
     own teacher path on 5,500 images and 3 epochs: it learns, is cached, and the cache is reused."""

@@ -42,6 +42,7 @@ def cases():
                 yield name, arch, width
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,arch,width", list(cases()))
 def test_each_method_trains_a_student_one_epoch(world, method, arch, width):
     spec, _, _, info, data = world
