@@ -90,8 +90,9 @@ def sections(model: dict, defs: dict, defaults: dict, path: str = "") -> list[st
         key, target = f"{path}{name}", resolve(field, defs)
         if "properties" in target:
             nested.append((key, target))
-        rows.append(f"| `{key}` | {type_of(field)} | {cell(default_of(key, field, target, model.get('required', []), defaults))} "
-                    f"| {cell(allowed(field))} | {cell(field.get('description', ''))} |")
+        default = default_of(key, field, target, model.get("required", []), defaults)
+        rows.append(f"| `{key}` | {type_of(field)} | {cell(default)} | {cell(allowed(field))} "
+                    f"| {cell(field.get('description', ''))} |")
     title = f"## `{path[:-1]}`" if path else "## Top level"
     about = [model["description"].strip().splitlines()[0], ""] if path and model.get("description") else []
     lines = [title, "", *about, "| key | type | default | allowed | description |", "|---|---|---|---|---|", *rows, ""]

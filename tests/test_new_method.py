@@ -22,7 +22,8 @@ def example():
 
 def test_the_example_registers_and_its_parameter_is_searchable(example):
     assert METHODS["logit_mse"] is example.LogitMSE
-    spec = load_spec({"name": "x", "search": {"space": {"loss": {"none": {}, "logit_mse": {"beta": {"uniform": [0.1, 10]}}}}}})
+    space = {"loss": {"none": {}, "logit_mse": {"beta": {"uniform": [0.1, 10]}}}}
+    spec = load_spec({"name": "x", "search": {"space": space}})
     assert set(parse_space(spec).methods) == {"none", "logit_mse"}
 
 
