@@ -170,6 +170,7 @@ def rgb(mnist_root):
     return spec, splits, teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, term", [("fitnet", "loss_hint"), ("rkd", "loss_rkd_dist"), ("crd", "loss_crd"),
                                           ("at", "loss_at")])
 def test_torchvision_teacher_and_student_features_feed_the_methods(rgb, method, term):
@@ -253,7 +254,13 @@ BAD = {  # id: (--set overrides, key, fragments of the message)
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
+# the cases that get as far as building the student (after the data and the teacher) take seconds each
+BUILDS_THE_STUDENT = {"module_does_not_import", "missing_factory", "factory_raises", "not_a_module",
+                      "wrong_output_shape", "unknown_feature_node", "method_needs_unnamed_feature"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in BUILDS_THE_STUDENT else case
+                                  for case in sorted(BAD)])
 def test_bad_input_exits_2_naming_the_key(case, tmp_path, monkeypatch, capsys, mnist_root, teacher_cache):
     import ray
 
