@@ -14,6 +14,8 @@ from kdtune.space import has_maps, resolve
 from kdtune.teacher import compute_targets, get_teacher
 from kdtune.trial import SweepData, TeacherTargets, run_trial
 
+# every test here trains the module's teacher first, then students for an epoch or more
+pytestmark = pytest.mark.slow
 ALL_KEYS = ["attention0", "attention1", "embedding", "logits"]
 
 
@@ -42,7 +44,6 @@ def cases():
                 yield name, arch, width
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method,arch,width", list(cases()))
 def test_each_method_trains_a_student_one_epoch(world, method, arch, width):
     spec, _, _, info, data = world

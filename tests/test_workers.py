@@ -167,6 +167,7 @@ def test_a_streamed_trial_trains_on_two_workers_with_disjoint_shards(tmp_path, m
     assert len(first) == len(second) == TRAIN // 2 and len(first | second) == TRAIN
 
 
+@pytest.mark.slow
 def test_two_accumulated_micro_batches_step_as_one_batch_of_twice_the_size(mnist_root, teacher_cache, data):
     """SGD with momentum on a student without batch norm: the same permutation cut in batches of 100,
     or in micro-batches of 50 accumulated two at a time, gives the same weights."""
@@ -197,6 +198,7 @@ def test_more_workers_than_the_cluster_holds_exits_2_naming_the_key(tmp_path, ru
     assert not (tmp_path / "results" / "mnist-kd").exists()
 
 
+@pytest.mark.slow
 def test_batch_norm_over_two_ranks_is_batch_norm_over_their_whole_batch(tmp_path):
     x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     mp.spawn(bn_rank, args=(x, str(tmp_path)), nprocs=2)
