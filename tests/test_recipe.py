@@ -127,6 +127,7 @@ def test_cached_view_targets_equal_the_live_teacher_on_that_view(small):
         assert torch.allclose(cache["embedding"][i, view].float(), live.embedding[0], atol=1e-2, rtol=1e-3), (i, view)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, terms", [("kd", ["loss_kd"]), ("srrl", ["loss_srrl_feature", "loss_srrl_sr"])])
 def test_a_trial_on_cached_views_reproduces_the_live_trial(small, method, terms):
     spec, splits, teacher = small
@@ -169,6 +170,7 @@ def test_label_smoothing_enters_the_cross_entropy():
     assert none(features, {}, labels, torch.arange(5), 0.0)["ce"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_auto_caches_every_view_only_when_cheaper_than_running_the_teacher_live(small):
     """50 views against the sampled trials' epochs (2 each): 24 trials make 48 live passes, 25 make 50."""
     spec, splits, teacher = small
