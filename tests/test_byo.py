@@ -254,12 +254,12 @@ BAD = {  # id: (--set overrides, key, fragments of the message)
 }
 
 
-# the cases that get as far as building the student (after the data and the teacher) take seconds each
-BUILDS_THE_STUDENT = {"module_does_not_import", "missing_factory", "factory_raises", "not_a_module",
-                      "wrong_output_shape", "unknown_feature_node", "method_needs_unnamed_feature"}
+# the cases that get as far as building the teacher or the student (after the data) take seconds each
+BUILDS_A_MODEL = {"module_does_not_import", "missing_factory", "factory_raises", "not_a_module", "wrong_output_shape",
+                  "unknown_feature_node", "method_needs_unnamed_feature", "checkpoint_does_not_fit"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in BUILDS_THE_STUDENT else case
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in BUILDS_A_MODEL else case
                                   for case in sorted(BAD)])
 def test_bad_input_exits_2_naming_the_key(case, tmp_path, monkeypatch, capsys, mnist_root, teacher_cache):
     import ray

@@ -140,7 +140,11 @@ def test_every_cifar_builtin_is_covered():
     assert {name for name, builder in MODELS.items() if builder.default_in_shape == CIFAR} == set(PUBLISHED) == set(SHAPES)
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+DEEPEST = {"resnet110", "resnet32x4"}  # seconds each on a CPU: the slow tier's
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in DEEPEST else name
+                                  for name in sorted(PUBLISHED)])
 def test_features_maps_and_classifier(name):
     torch.manual_seed(0)
     model = create_model(name, CIFAR, 100).eval()
