@@ -37,6 +37,11 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def structure(module: nn.Module) -> list[tuple[str, list[int]]]:
+    """The names and shapes of the module's parameters and buffers: what a checkpoint must fit."""
+    return [(name, list(tensor.shape)) for name, tensor in module.state_dict().items()]
+
+
 def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
             relu: bool = True, bias: bool = False) -> nn.Sequential:
     """Conv ('same' padding) - BN, then ReLU unless `relu` is False (before a residual sum)."""
