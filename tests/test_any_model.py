@@ -6,6 +6,7 @@ that is not a module exits 2 naming the key; and the teacher cache follows the m
 import copy
 import os
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from kdtune import load_spec
 from kdtune.cluster import init_ray
+from kdtune.data.resolve import load_splits
 from kdtune.distributed import TrialWorkers
 from kdtune.models.features import HookFeatures
 from kdtune.models.resolve import attach_features
@@ -24,6 +26,7 @@ from kdtune.runner import prepare, with_objects
 from kdtune.space import parse_space, resolve
 from kdtune.spec import FeatureNodes
 from kdtune.sweep import main as cli_main
+from kdtune.teacher import get_teacher
 from kdtune.trial import run_trial
 
 from conftest import REPO, assert_exit_2_naming
@@ -175,3 +178,43 @@ def test_a_node_name_of_an_untraceable_model_exits_2_naming_the_key(name, fragme
                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *[a for s in sets for a in ("--set", s)]])
     assert_exit_2_naming(status, capsys.readouterr().err, "student.features.embedding", fragments)
     assert not ray.is_initialized()
+
+
+TEACHER = '''
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, WIDTH), nn.ReLU(), nn.Linear(WIDTH, num_classes))
+    def forward(self, x):
+        return self.net(x)
+'''
+
+
+@pytest.mark.slow
+def test_the_teacher_cache_follows_the_models_structure(tmp_path, monkeypatch, mnist_root):
+    """The teacher class edited under the same import path is trained anew; a cached file that does
+    not load is set aside with a note, and the teacher trained again. Never an error."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = load_spec({"name": "cache", "seed": 1, "student": {"arch": "mlp"},
+                      "data": {"root": str(mnist_root), "train_limit": 700, "val_size": 200, "test_limit": 200},
+                      "teacher": {"arch": "cache_zoo:Net", "epochs": 1, "cache_dir": str(tmp_path / "cache")}})
+    splits = load_splits(spec.data, spec.seed)
+
+    def teacher(width: int, notes: list) -> dict:
+        (tmp_path / "cache_zoo.py").write_text(TEACHER.replace("WIDTH", str(width)))
+        monkeypatch.delitem(sys.modules, "cache_zoo", raising=False)  # a new session imports the edited class
+        return get_teacher(spec, splits, notes.append)[1]
+
+    first, second, notes = teacher(16, []), teacher(24, []), []
+    assert first["source"] == second["source"] == "trained" and first["checkpoint"] != second["checkpoint"]
+    assert teacher(16, [])["source"] == "cached"
+    Path(first["checkpoint"]).write_bytes(b"not a checkpoint")
+    again = teacher(16, notes)
+    assert again["source"] == "trained" and again["checkpoint"] == first["checkpoint"]
+    [note] = [n for n in notes if "set aside" in n]
+    assert "does not load" in note and "not a readable PyTorch checkpoint" in note
+    [aside] = (tmp_path / "cache" / "teachers").glob("*.unloadable-*.pt")
+    assert aside.read_bytes() == b"not a checkpoint" and aside.name in note
+    assert teacher(16, [])["source"] == "cached"  # the retrained file replaced it
