@@ -18,9 +18,8 @@ from torch import nn
 
 from kdtune.errors import SpecError
 from kdtune.models.base import MODELS
-from kdtune.models import timm_models
 from kdtune.models.features import module_names, node_names, with_features
-from kdtune.models.timm_models import TIMM, TimmFeatures, is_timm
+from kdtune.models.timm_models import TIMM, TimmFeatures, is_timm, timm_factory, timm_problem
 
 TORCHVISION = "torchvision:"
 IN_MEMORY = "python:"
@@ -44,7 +43,7 @@ def arch_problem(arch: str) -> Optional[str]:
         return (f"unknown torchvision model {name!r}; "
                 + (f"close names: {', '.join(close)}" if close else "see torchvision.models.list_models()"))
     if arch.startswith(TIMM):
-        return timm_models.arch_problem(arch[len(TIMM):])
+        return timm_problem(arch[len(TIMM):])
     if arch.startswith(IN_MEMORY) or arch in MODELS:
         return None
     if ":" in arch:
@@ -87,7 +86,7 @@ def _factory(arch: str, where: str, given: Optional[Callable]) -> Callable[..., 
         name = arch[len(TORCHVISION):]
         return lambda **kwargs: get_model(name, weights=None, **kwargs)
     if arch.startswith(TIMM):
-        return timm_models.factory(arch[len(TIMM):])
+        return timm_factory(arch[len(TIMM):])
     if arch.startswith(IN_MEMORY):
         if given is None:
             raise SpecError(where, f"{arch!r} names an object given to kdtune.run, and none was given")

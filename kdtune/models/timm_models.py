@@ -30,7 +30,7 @@ def installed() -> bool:
     return True
 
 
-def arch_problem(name: str) -> Optional[str]:
+def timm_problem(name: str) -> Optional[str]:
     """Why `timm:<name>` names no model (timm missing, or no such name), else None."""
     if not installed():
         return INSTALL
@@ -43,7 +43,7 @@ def arch_problem(name: str) -> Optional[str]:
             + (f"close names: {', '.join(close)}" if close else "see python -m kdtune.models '<pattern>'"))
 
 
-def factory(name: str) -> Callable[..., nn.Module]:
+def timm_factory(name: str) -> Callable[..., nn.Module]:
     """timm's model `name`, randomly initialised (a trained teacher comes from teacher.checkpoint)."""
     import timm
 
