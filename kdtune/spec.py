@@ -90,7 +90,8 @@ class Schedule(Strict):
 
 
 class FeatureNodes(Strict):
-    """Graph nodes (torchvision.models.feature_extraction names) of a model that is not built in."""
+    """Where a model that is not built in gives its features: module paths (read by forward hooks)
+    or torch.fx graph nodes (torchvision.models.feature_extraction names)."""
 
     embedding: Optional[str] = None
     maps: list[str] = Field(default_factory=list)

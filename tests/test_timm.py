@@ -128,6 +128,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_timm_arch_without_timm_exits_2_with_the_install_hint(tmp_path):
     done = subprocess.run([sys.executable, "-c", HIDDEN, str(REPO / "search_spaces" / "timm.yaml"),
                            "--results-dir", str(tmp_path / "results")], capture_output=True, text=True, timeout=300)

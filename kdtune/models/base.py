@@ -3,7 +3,7 @@ the staged conv net most families are.
 
 A method asks for logits, the penultimate embedding or per-stage feature maps without
 knowing the architecture; models that are not built in get the same `Features` through
-named graph nodes (kdtune.models.features).
+named modules or graph nodes, or timm's API (kdtune.models.features, kdtune.models.timm_models).
 """
 from __future__ import annotations
 
