@@ -152,3 +152,13 @@ def test_the_timm_spec_runs_end_to_end_with_smoke(cifar_root, tmp_path, run_cli)
     baselines = trials[(trials["phase"] == "search") & (trials["loss"] == "none")]
     assert set(baselines["student.arch"]) == {f"timm:mobilenetv3_small_{w}" for w in ("050", "075", "100")}
     print(done.stdout[-4000:])
+
+
+def test_the_model_listing_names_timm_models_by_pattern():
+    from kdtune.models.__main__ import listing
+
+    table = listing(10, "mobilenetv3_small*").set_index("name")
+    assert list(table.index) == [f"timm:{n}" for n in timm.list_models("mobilenetv3_small*")]
+    for name, row in table.iterrows():
+        own = timm.create_model(name.removeprefix("timm:"), pretrained=False, num_classes=10)
+        assert row["params"] == sum(p.numel() for p in own.parameters()) and row["family"] == "timm"
