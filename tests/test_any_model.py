@@ -163,6 +163,7 @@ class Branchy(nn.Module):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, fragments", [
     ("flatten", ["'flatten' is not a module of Branchy", "torch.fx cannot trace it",
                  "control flow", "name a module instead", "its modules are conv, fc"]),

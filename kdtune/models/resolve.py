@@ -144,7 +144,8 @@ def attach_features(model: nn.Module, features, where: str) -> nn.Module:
             nodes = node_names(model)
         except Exception as exc:  # torch.fx raises whatever the model's forward does when traced
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            close = difflib.get_close_matches(name, modules, n=5)
+            close = [m for m in modules if name.startswith(f"{m}.")][-1:]  # the module holding a parameter
+            close += [m for m in difflib.get_close_matches(name, modules, n=5) if m not in close]
             raise SpecError(f"{where}.features.{key}",
                             f"{name!r} is not a module of {type(model).__name__}, and torch.fx cannot trace it to "
                             f"find a graph node of that name ({type(exc).__name__}: {reason}); name a module "
