@@ -12,7 +12,7 @@ from torch import nn
 
 from kdtune.distill import METHODS, TEACHER_TARGETS
 from kdtune.errors import SpecError
-from kdtune.models.features import classifier_head, node_names, unwrapped
+from kdtune.models.features import classifier_head, module_names, unwrapped
 from kdtune.models.resolve import build_model
 from kdtune.space import SearchSpace, resolve
 from kdtune.trial import scores
@@ -34,12 +34,8 @@ def _missing(features, need: set[str]) -> list[str]:
 
 
 def _feature_hint(who: str, what: str, model: nn.Module) -> str:
-    key = f"{who}.features.embedding: <node>" if what == "embedding" else f"{who}.features.maps: [<node>, <node>]"
-    try:
-        nodes = ", ".join(node_names(unwrapped(model))[-12:])
-    except Exception:  # a model torch.fx cannot trace has no node names to offer
-        nodes = "see torchvision.models.feature_extraction.get_graph_node_names"
-    return f"add {key} (its last nodes: {nodes})"
+    key = f"{who}.features.embedding: <module>" if what == "embedding" else f"{who}.features.maps: [<module>, <module>]"
+    return f"add {key} (its last modules: {', '.join(module_names(unwrapped(model))[-12:])})"
 
 
 def _output_check(features, num_classes: int, where: str, arch: str) -> None:

@@ -109,7 +109,8 @@ class Schedule(Strict):
 
 
 class FeatureNodes(Strict):
-    """Graph nodes (torchvision.models.feature_extraction names) of a model that is not built in."""
+    """Where a model that is not built in gives its features: module paths (read by forward hooks)
+    or torch.fx graph nodes (torchvision.models.feature_extraction names)."""
 
     embedding: Optional[str] = None
     """Node whose output is the penultimate embedding (FitNet, RKD, CRD and SRRL read it)."""

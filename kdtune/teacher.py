@@ -19,6 +19,7 @@ from kdtune.data.augment import Augment
 from kdtune.data.stream import Stream
 from kdtune.distill import TEACHER_TARGETS
 from kdtune.errors import SpecError, TeacherError
+from kdtune.models.base import structure
 from kdtune.models.features import student_params, unwrapped
 from kdtune.models.resolve import attach_features, build_model
 from kdtune.space import TrialPlan
@@ -132,15 +133,25 @@ def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], N
 
 
 def _cached_or_trained(spec, model: nn.Module, splits: Splits, log, stream: Optional[Stream]) -> tuple[str, str]:
-    """Load the spec's teacher from the cache, or train and cache it: (source, checkpoint path)."""
+    """Load the spec's teacher from the cache, or train and cache it: (source, checkpoint path).
+    The key holds the model's structure too: a class edited under the same import path is
+    trained anew, and a cached file that still does not load is set aside and replaced."""
     config = teacher_config(spec)
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    keyed = {**config, "structure": structure(unwrapped(model))}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     name = spec.teacher.arch.replace(":", "-").replace("/", "-")
     path = cache_root(spec) / "teachers" / f"{name}-{spec.data.dataset.replace(':', '-')}-{key}.pt"
     if path.is_file():
-        _load_state(path, model)
-        log(f"teacher: reusing cached checkpoint {path}")
-        return "cached", str(path)
+        initial = {k: v.clone() for k, v in unwrapped(model).state_dict().items()}
+        try:
+            _load_state(path, model)
+            log(f"teacher: reusing cached checkpoint {path}")
+            return "cached", str(path)
+        except TeacherError as exc:
+            unwrapped(model).load_state_dict(initial)  # a failed load may have filled some tensors
+            aside = path.with_suffix(f".unloadable-{int(time.time())}.pt")
+            path.replace(aside)
+            log(f"teacher: cached checkpoint does not load ({str(exc).split(': ', 2)[-1]}); set aside as {aside}")
     log(f"teacher: training {spec.teacher.arch} for {spec.teacher.epochs} epoch(s)")
     train_teacher(model, spec, splits, log, stream)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -465,7 +465,7 @@ def test_at_is_allowed_with_a_conv_student():
     ("search.scheduler={type: asha, reduction_factor: 1}", "search.scheduler.reduction_factor",
      "Input should be greater than 1 (got 1)"),
     ("student.arch=vit", "student.arch", f"unknown arch 'vit'; built-in: {', '.join(sorted(MODELS))}; or "
-                                         "torchvision:<name>, or an import path package.module:factory"),
+                                         "torchvision:<name>, timm:<name>, or an import path package.module:factory"),
 ])
 def test_messages_quote_the_value_once(override, key, message):
     with pytest.raises(SpecError) as info:

@@ -3,7 +3,7 @@ the staged conv net most families are.
 
 A method asks for logits, the penultimate embedding or per-stage feature maps without
 knowing the architecture; models that are not built in get the same `Features` through
-named graph nodes (kdtune.models.features).
+named modules or graph nodes, or timm's API (kdtune.models.features, kdtune.models.timm_models).
 """
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def register_model(name: str):
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def structure(module: nn.Module) -> list[tuple[str, list[int]]]:
+    """The names and shapes of the module's parameters and buffers: what a checkpoint must fit."""
+    return [(name, list(tensor.shape)) for name, tensor in module.state_dict().items()]
 
 
 def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,

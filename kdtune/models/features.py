@@ -1,13 +1,16 @@
 """Any `nn.Module` as a model that returns `Features`.
 
 Built-in models return `Features` themselves. Other models (torchvision's, a user's) return
-logits; their embedding and stage maps are read at graph nodes the spec names, through
-torchvision's `create_feature_extractor`, so no hook is written by hand.
+logits; their embedding and stage maps are read where the spec names them: at a module by a
+forward hook on the normal forward (no tracing, so any model works), at a graph node that is
+not a module (`flatten`, an `add`) through torchvision's `create_feature_extractor`. timm
+models name nothing: their features come from timm's own API (kdtune.models.timm_models).
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -25,6 +28,53 @@ class LogitsModel(nn.Module):
     def forward(self, x) -> Features:
         out = self.model(x)
         return out if isinstance(out, Features) else Features(out)
+
+    def own_parameters(self) -> int:
+        return count_params(self.model)
+
+
+@contextmanager
+def module_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The outputs of `model`'s modules `names` (their last call) on the forwards run inside the
+    block, by hooks that live only as long as the block: a copied, compiled, DDP-wrapped or
+    traced model never carries one."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module, _inputs, output):
+            seen[name] = output
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in dict.fromkeys(names)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensor(seen: dict, name: str) -> torch.Tensor:
+    if name not in seen:
+        raise RuntimeError(f"module {name!r} did not run in forward; name a module that does")
+    if not isinstance(seen[name], torch.Tensor):
+        raise RuntimeError(f"module {name!r} returned a {type(seen[name]).__name__}, not a tensor; "
+                           "name a module that returns one")
+    return seen[name]
+
+
+class HookFeatures(nn.Module):
+    """Logits from the model's own forward; embedding and maps from the named modules' outputs."""
+
+    def __init__(self, model: nn.Module, embedding: str | None, maps: list[str]):
+        super().__init__()
+        self.model, self.embedding, self.maps = model, embedding, list(maps)
+
+    def forward(self, x) -> Features:
+        with module_outputs(self.model, ([self.embedding] if self.embedding else []) + self.maps) as seen:
+            out = self.model(x)
+        logits = out.logits if isinstance(out, Features) else out
+        embedding = _tensor(seen, self.embedding).flatten(1) if self.embedding else None
+        return Features(logits, embedding, [_tensor(seen, name) for name in self.maps])
 
     def own_parameters(self) -> int:
         return count_params(self.model)
@@ -56,10 +106,16 @@ class NodeFeatures(nn.Module):
 
 
 def node_names(model: nn.Module) -> list[str]:
-    """The model's graph node names (eval mode), as `features` may name them."""
+    """The model's graph node names (eval mode), as `features` may name them; torch.fx's error
+    for a model it cannot trace."""
     from torchvision.models.feature_extraction import get_graph_node_names
 
     return get_graph_node_names(model)[1]
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """The model's module paths (`layer3`, `net.2`), as `features` may name them."""
+    return [name for name, _ in model.named_modules() if name]
 
 
 def student_params(model: nn.Module) -> int:
@@ -79,9 +135,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 
 def with_features(model: nn.Module, embedding: str | None = None, maps: list[str] = ()) -> nn.Module:
-    """`model` returning `Features`: as is for built-ins, else wrapped (by named nodes if any)."""
-    if embedding or maps:
-        return NodeFeatures(model, embedding, list(maps))
+    """`model` returning `Features`: as is for built-ins; else wrapped, reading the named features
+    by hooks when all are modules, else by torch.fx (which reads module names too)."""
+    named = ([embedding] if embedding else []) + list(maps)
+    if named:
+        modules = set(module_names(model))
+        wrapper = HookFeatures if all(name in modules for name in named) else NodeFeatures
+        return wrapper(model, embedding, list(maps))
     if is_builtin(model):
         return model
     return LogitsModel(model)

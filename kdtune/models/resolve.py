@@ -1,8 +1,9 @@
-"""Where a model comes from: a built-in name, `torchvision:<name>`, an import path
-`package.module:factory`, or an object given to `kdtune.run` (recorded as `python:<name>`).
+"""Where a model comes from: a built-in name, `torchvision:<name>`, `timm:<name>`, an import
+path `package.module:factory`, or an object given to `kdtune.run` (recorded as `python:<name>`).
 
 Every form ends as one call, `factory(num_classes=N, **kwargs)` (plus `in_shape` and
-`width` for factories that take them), and every failure as a `SpecError` at the key.
+`width` for factories that take them, `in_chans` for timm's), and every failure as a
+`SpecError` at the key.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from kdtune.errors import SpecError
 from kdtune.models.base import MODELS
-from kdtune.models.features import node_names, with_features
+from kdtune.models.features import module_names, node_names, with_features
+from kdtune.models.timm_models import TIMM, TimmFeatures, is_timm, timm_factory, timm_problem
 
 TORCHVISION = "torchvision:"
 IN_MEMORY = "python:"
@@ -40,12 +42,14 @@ def arch_problem(arch: str) -> Optional[str]:
         close = difflib.get_close_matches(name, torchvision_names(), n=5)
         return (f"unknown torchvision model {name!r}; "
                 + (f"close names: {', '.join(close)}" if close else "see torchvision.models.list_models()"))
+    if arch.startswith(TIMM):
+        return timm_problem(arch[len(TIMM):])
     if arch.startswith(IN_MEMORY) or arch in MODELS:
         return None
     if ":" in arch:
         return None if IMPORT_PATH.match(arch) else f"{arch!r} is not an import path of the form package.module:factory"
     return (f"unknown arch {arch!r}; built-in: {', '.join(sorted(MODELS))}; "
-            "or torchvision:<name>, or an import path package.module:factory")
+            "or torchvision:<name>, timm:<name>, or an import path package.module:factory")
 
 
 def import_object(path: str, where: str) -> Any:
@@ -81,6 +85,8 @@ def _factory(arch: str, where: str, given: Optional[Callable]) -> Callable[..., 
 
         name = arch[len(TORCHVISION):]
         return lambda **kwargs: get_model(name, weights=None, **kwargs)
+    if arch.startswith(TIMM):
+        return timm_factory(arch[len(TIMM):])
     if arch.startswith(IN_MEMORY):
         if given is None:
             raise SpecError(where, f"{arch!r} names an object given to kdtune.run, and none was given")
@@ -100,8 +106,10 @@ def build_model(spec, in_shape: tuple[int, ...], num_classes: int, where: str,
     kwargs = {"num_classes": num_classes, **spec.kwargs}
     if spec.arch in MODELS or accepts(factory, "in_shape", by_name_only=True):
         kwargs["in_shape"] = tuple(in_shape)
+    if spec.arch.startswith(TIMM):
+        kwargs.setdefault("in_chans", in_shape[0])
     if width is not None:
-        if spec.arch.startswith(TORCHVISION) or not accepts(factory, "width"):
+        if spec.arch.startswith((TORCHVISION, TIMM)) or not accepts(factory, "width"):
             raise SpecError(f"{where}.width", f"{spec.arch} takes no width argument; search one of its own "
                                               f"arguments instead, as {where}.kwargs.<name>")
         kwargs["width"] = width
@@ -115,18 +123,41 @@ def build_model(spec, in_shape: tuple[int, ...], num_classes: int, where: str,
     return attach_features(model, spec.features, where)
 
 
+def _listed(names: list[str], most: int = 40) -> str:
+    return ", ".join(names[:most]) + (f" ... ({len(names)} in all)" if len(names) > most else "")
+
+
 def attach_features(model: nn.Module, features, where: str) -> nn.Module:
-    """`model` returning `Features`, with its embedding and maps at the spec's named nodes (a node,
-    or a module whose last node is meant, as `create_feature_extractor` reads it)."""
+    """`model` returning `Features`, with its embedding and maps at the spec's names: modules are
+    read by hooks, other names as torch.fx graph nodes (a module's output there is its last
+    node's, as `create_feature_extractor` reads it). A timm model that names none reads timm's
+    own API. A name neither a module nor a node, or a model torch.fx cannot trace, is a SpecError
+    at the key that says which modules to name instead."""
     if features is None:
-        return with_features(model)
-    names = node_names(model)
-    for key, node in [("embedding", features.embedding)] + [(f"maps[{i}]", m) for i, m in enumerate(features.maps)]:
-        if node is not None and node not in names and not any(n.startswith(f"{node}.") for n in names):
-            close = difflib.get_close_matches(node, names, n=5)
-            raise SpecError(f"{where}.features.{key}", f"no node {node!r} in {type(model).__name__}; "
-                            + (f"close: {', '.join(close)}; " if close else "")
-                            + f"its nodes: {', '.join(names)}")
+        return TimmFeatures(model) if is_timm(model) else with_features(model)
+    modules = module_names(model)
+    named = [("embedding", features.embedding)] + [(f"maps[{i}]", m) for i, m in enumerate(features.maps)]
+    others = [(key, name) for key, name in named if name is not None and name not in modules]
+    if others:
+        key, name = others[0]
+        try:
+            nodes = node_names(model)
+        except Exception as exc:  # torch.fx raises whatever the model's forward does when traced
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            close = [m for m in modules if name.startswith(f"{m}.")][-1:]  # the module holding a parameter
+            close += [m for m in difflib.get_close_matches(name, modules, n=5) if m not in close]
+            raise SpecError(f"{where}.features.{key}",
+                            f"{name!r} is not a module of {type(model).__name__}, and torch.fx cannot trace it to "
+                            f"find a graph node of that name ({type(exc).__name__}: {reason}); name a module "
+                            "instead, read by a forward hook: " + (f"close: {', '.join(close)}; " if close else "")
+                            + f"its modules are {_listed(modules)}") from None
+        for key, name in others:
+            if name not in nodes and not any(n.startswith(f"{name}.") for n in nodes):
+                close = difflib.get_close_matches(name, modules + nodes, n=5)
+                raise SpecError(f"{where}.features.{key}",
+                                f"no node {name!r} in {type(model).__name__}: neither a module nor a graph node; "
+                                + (f"close: {', '.join(close)}; " if close else "")
+                                + f"its modules: {_listed(modules)}; its nodes: {_listed(nodes)}")
     return with_features(model, features.embedding, features.maps)
 
 
