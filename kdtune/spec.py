@@ -6,11 +6,12 @@ the CLI can exit 2 before Ray or MLflow start.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from kdtune.data.base import DATASETS
+from kdtune.errors import SpecError
 from kdtune.models.resolve import IMPORT_PATH, IN_MEMORY, arch_problem
 
 METRICS = ("val_acc", "val_loss", "params", "extra_params")
@@ -124,6 +125,55 @@ class TeacherSpec(ModelSpec):
     topk: Optional[int] = Field(None, ge=1)  # streamed data: keep each image's k largest logits on disk
 
 
+class AssistantSpec(TeacherSpec):
+    """A named teacher block; with `distil_from`, an assistant (TAKD): trained once per sweep by KD
+    from that named teacher at `temperature` and `alpha`, then cached like any teacher."""
+
+    distil_from: Optional[str] = None
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+
+
+class EnsembleSpec(Strict):
+    """A teacher whose targets are the weighted mean of its members' probabilities at the
+    method's temperature (weights equal by default)."""
+
+    ensemble: list[str]
+    weights: Optional[list[float]] = None
+
+    @field_validator("ensemble")
+    @classmethod
+    def _members(cls, value):
+        if not value:
+            raise ValueError("an ensemble needs at least one member (names of teachers in `teachers`)")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value, info: ValidationInfo):
+        if value is None:
+            return value
+        members = info.data.get("ensemble") or []
+        if len(value) != len(members):
+            raise ValueError(f"needs one weight per member: {len(members)} (got {len(value)})")
+        if any(w <= 0 for w in value):
+            raise ValueError(f"weights must be positive (got {value})")
+        return value
+
+
+# The tags of a `teachers:` entry's two forms; kdtune.loading drops them from error key paths.
+TEACHER_ENTRIES = {"<ensemble>": EnsembleSpec, "<teacher>": AssistantSpec}
+
+
+def _entry_form(value) -> str:
+    ensemble = "ensemble" in value if isinstance(value, dict) else isinstance(value, EnsembleSpec)
+    return "<ensemble>" if ensemble else "<teacher>"
+
+
+TeacherEntry = Annotated[Union[Annotated[EnsembleSpec, Tag("<ensemble>")], Annotated[AssistantSpec, Tag("<teacher>")]],
+                         Discriminator(_entry_form)]
+
+
 class StudentSpec(ModelSpec):
     arch: str = "mlp"
     width: Optional[int] = Field(None, ge=1)  # each family has its own default
@@ -194,7 +244,8 @@ class Spec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
     data: DataSpec = Field(default_factory=DataSpec)
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    teacher: Optional[TeacherSpec] = None  # the one teacher; with `teachers` it may be left out
+    teachers: dict[str, TeacherEntry] = Field(default_factory=dict)  # named teachers (kdtune.teachers)
     student: StudentSpec = Field(default_factory=StudentSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
@@ -206,6 +257,12 @@ class Spec(Strict):
     _evaluate = field_validator("evaluate")(check_evaluate)
     # what --smoke sets besides kdtune's own shrinking, in this layout (e.g. {train: {epochs: 3}})
     smoke: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _one_teacher_by_default(self):
+        if self.teacher is None and not self.teachers:
+            self.teacher = TeacherSpec()
+        return self
 
 
 def spec_to_dict(spec: Spec) -> dict:
@@ -227,3 +284,43 @@ def field_at(dotted: str):
             return None
         model = field.annotation
     return model.model_fields.get(leaf)
+
+
+def named_teachers(spec: Spec) -> dict[str, Union[TeacherSpec, EnsembleSpec]]:
+    """Every teacher a trial may distil from, by name: `teacher:` as `teacher`, then `teachers:`."""
+    return {**({"teacher": spec.teacher} if spec.teacher is not None else {}), **spec.teachers}
+
+
+def trained_teachers(spec: Spec) -> dict[str, TeacherSpec]:
+    """The teacher blocks with a recipe, by their spec path (`teacher`, `teachers.<name>`)."""
+    blocks = {"teacher": spec.teacher} if spec.teacher is not None else {}
+    return {**blocks, **{f"teachers.{n}": t for n, t in spec.teachers.items() if not isinstance(t, EnsembleSpec)}}
+
+
+def default_teacher(spec: Spec) -> str:
+    """The teacher of a trial whose space chooses none: `teacher:`, else the first named one."""
+    return next(iter(named_teachers(spec)))
+
+
+def check_teachers(spec: Spec) -> None:
+    """The names `teachers:` entries refer to exist, and assistants' chains end (SpecError)."""
+    named = named_teachers(spec)
+    if spec.teacher is not None and "teacher" in spec.teachers:
+        raise SpecError("teachers.teacher", "the name `teacher` is the top-level teacher block's; rename this one")
+    plain = [n for n, t in named.items() if not isinstance(t, EnsembleSpec)]
+    for name, entry in spec.teachers.items():
+        if isinstance(entry, EnsembleSpec):
+            for i, member in enumerate(entry.ensemble):
+                if member not in plain:
+                    raise SpecError(f"teachers.{name}.ensemble.{i}", f"unknown member {member!r}; an ensemble's "
+                                                                      f"members are teachers or assistants: {', '.join(plain)}")
+        elif entry.distil_from is not None:
+            if entry.distil_from not in plain:
+                raise SpecError(f"teachers.{name}.distil_from",
+                                f"unknown teacher {entry.distil_from!r}; one of {', '.join(n for n in plain if n != name)}")
+            chain, at = [name], entry.distil_from
+            while at is not None:
+                if at in chain:
+                    raise SpecError(f"teachers.{name}.distil_from", f"cyclic: {' -> '.join(chain + [at])}")
+                chain.append(at)
+                at = getattr(named[at], "distil_from", None)
