@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.distill import INPUTS, METHODS, TEACHER_TARGETS
 from kdtune.errors import SpecError
 from kdtune.models.features import classifier_head, node_names, unwrapped
 from kdtune.models.resolve import build_model
@@ -98,22 +98,29 @@ def check_evaluation(spec, evaluate, student: nn.Module, splits) -> None:
     check_objectives(spec, set(scores(student, splits.val_x[:n], splits.val_y[:n], evaluate)), evaluated=True)
 
 
-def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_factory=None,
-                 evaluate=None) -> Optional[nn.Module]:
-    """Every student size and every method, on one batch of training images, and the evaluation
-    function (if any) on the first student. Returns the teacher's frozen classifier head when a
-    method reuses it (None otherwise)."""
+def check_teacher(spec, space: SearchSpace, splits, teacher: nn.Module, where: str = "teacher") -> tuple:
+    """The teacher (at spec key `where`) on one batch: its output, and what every method reads of it.
+    Returns (its targets, its frozen classifier head if a method reuses it, else None)."""
     x = splits.train_x[:PROBE]
-    idx = torch.arange(PROBE)
-    teacher_out = _run(teacher, x, "teacher.arch", spec.teacher.arch)
-    _output_check(teacher_out, splits.num_classes, "teacher.arch", spec.teacher.arch)
+    teacher_out = _run(teacher, x, f"{where}.arch", spec.teacher.arch)
+    _output_check(teacher_out, splits.num_classes, f"{where}.arch", spec.teacher.arch)
     for name in space.methods:
         lacking = _missing(teacher_out, _needs(METHODS[name]))
         if lacking:
             raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the teacher's {lacking[0]}; "
-                                                         + _feature_hint("teacher", lacking[0], teacher))
+                                                         + _feature_hint(where, lacking[0], teacher))
     head = _teacher_head(space, teacher, teacher_out)
-    targets = {k: TEACHER_TARGETS[k](teacher_out) for k in {k for m in space.methods for k in METHODS[m].teacher_keys}}
+    return {k: TEACHER_TARGETS[k](teacher_out) for k in {k for m in space.methods for k in METHODS[m].teacher_keys}}, head
+
+
+def check_models(spec, space: SearchSpace, splits, teacher: Optional[nn.Module], student_factory=None,
+                 evaluate=None) -> Optional[nn.Module]:
+    """Every student size and every method, on one batch of training images, and the evaluation
+    function (if any) on the first student. Returns the teacher's frozen classifier head when a
+    method reuses it (None otherwise, and without a teacher: a space of teacher-free methods)."""
+    x = splits.train_x[:PROBE]
+    idx = torch.arange(PROBE)
+    targets, head = check_teacher(spec, space, splits, teacher) if teacher is not None else ({}, None)
     for i, point in enumerate(space.baseline_points() or [{}]):
         plan = resolve(spec, point)
         s = plan.spec.student
@@ -129,9 +136,10 @@ def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_f
                 raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the student's {lacking[0]} "
                                                              f"({plan.student}); " + _feature_hint("student", lacking[0], student))
             try:
-                distiller = method(out, targets, len(splits.train_y), spec.train.ce_weight, teacher_head=head)
+                distiller = method(out, targets, len(splits.train_y), spec.train.ce_weight, teacher_head=head,
+                                   student_model=student)
                 distiller.train()
-                distiller(out, targets, splits.train_y[:PROBE], idx, 0.0)
+                distiller(out, {**targets, INPUTS: x}, splits.train_y[:PROBE], idx, 0.0)
             except Exception as exc:
                 raise SpecError(f"search.space.loss.{name}", f"method {name!r} failed on {plan.student}'s features: "
                                                              f"{type(exc).__name__}: {exc}") from None

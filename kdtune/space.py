@@ -112,6 +112,7 @@ class SearchSpace:
     archs: dict[str, dict[str, Dim]] = field(default_factory=dict)  # student.arch as branches
     teacher: Dim | None = None  # `teacher: {choice: [names]}`, sampled only for methods that read a teacher
     default_teacher: str | None = None
+    named_teachers: bool = False  # the spec names its teachers (`teachers:`): trials.csv gets a teacher column
 
     @property
     def columns(self) -> list[str]:
@@ -120,7 +121,7 @@ class SearchSpace:
         if self.archs:
             names += ["student.arch"] + [f"{a}.{p}" for a, dims in self.archs.items() for p in dims]
         return (names + ["loss"] + [f"{m}.{p}" for m, dims in self.methods.items() for p in dims]
-                + (["teacher"] if self.teacher is not None else []))
+                + (["teacher"] if self.teacher is not None or self.named_teachers else []))
 
     @property
     def teachers(self) -> list[str]:
@@ -303,7 +304,7 @@ def parse_space(spec) -> SearchSpace:
             raise SpecError(path, "not a searchable key; use width, loss, student.kwargs.<name>, or a dotted "
                                   f"path under {' or '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr, student.arch)")
         params[key] = _parse_dim(path, value, _spec_value_check(spec_dict, dotted))
-    space = SearchSpace(params, methods, archs, teacher, default_teacher(spec))
+    space = SearchSpace(params, methods, archs, teacher, default_teacher(spec), bool(spec.teachers))
     _check_method_teachers(methods, space, spec)
     archs = space.student_values("student.arch", spec.student.arch)
     for name in methods:

@@ -51,6 +51,7 @@ class DML(Distiller):
             others = (total - probs[i]) / (len(logits) - 1)
             log_q = F.log_softmax(z.float() / temperature, dim=1)
             kl = F.kl_div(log_q, others, reduction="batchmean")
-            terms[f"ce_peer{i}"] = self.ce(Features(z), labels)
-            terms[f"kl_peer{i}"] = alpha * temperature ** 2 * kl
+            suffix = f"_peer{i}" if i else ""  # peer 0's are the student's own: ce and kl, as other methods name them
+            terms[f"ce{suffix}"] = self.ce(Features(z), labels)
+            terms[f"kl{suffix}"] = alpha * temperature ** 2 * kl
         return terms
