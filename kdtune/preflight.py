@@ -15,6 +15,7 @@ from kdtune.errors import SpecError
 from kdtune.models.features import classifier_head, node_names, unwrapped
 from kdtune.models.resolve import build_model
 from kdtune.space import SearchSpace, resolve
+from kdtune.spec import TeacherSpec, named_teachers
 from kdtune.trial import scores
 
 PROBE = 2  # images in the probe batch
@@ -75,6 +76,12 @@ def _teacher_head(space: SearchSpace, teacher: nn.Module, teacher_out) -> Option
     return head
 
 
+def arch_of(spec, where: str) -> str:
+    """The arch of the teacher at `where` (`teacher` or `teachers.<name>`), or what an ensemble is."""
+    entry = named_teachers(spec)[where.removeprefix("teachers.")]
+    return entry.arch if isinstance(entry, TeacherSpec) else f"ensemble of {', '.join(entry.ensemble)}"
+
+
 def check_objectives(spec, names, evaluated: bool) -> None:
     """Every objective on a validation metric names one the sweep measures (`names`, without val_)."""
     for i, objective in enumerate(spec.search.objectives):
@@ -98,12 +105,12 @@ def check_evaluation(spec, evaluate, student: nn.Module, splits) -> None:
     check_objectives(spec, set(scores(student, splits.val_x[:n], splits.val_y[:n], evaluate)), evaluated=True)
 
 
-def check_teacher(spec, space: SearchSpace, splits, teacher: nn.Module, where: str = "teacher") -> tuple:
-    """The teacher (at spec key `where`) on one batch: its output, and what every method reads of it.
-    Returns (its targets, its frozen classifier head if a method reuses it, else None)."""
+def check_teacher(space: SearchSpace, splits, teacher: nn.Module, where: str, arch: str) -> tuple:
+    """The teacher (`arch` at spec key `where`) on one batch: its output, and what every method
+    reads of it. Returns (its targets, its frozen classifier head if a method reuses it, else None)."""
     x = splits.train_x[:PROBE]
-    teacher_out = _run(teacher, x, f"{where}.arch", spec.teacher.arch)
-    _output_check(teacher_out, splits.num_classes, f"{where}.arch", spec.teacher.arch)
+    teacher_out = _run(teacher, x, f"{where}.arch", arch)
+    _output_check(teacher_out, splits.num_classes, f"{where}.arch", arch)
     for name in space.methods:
         lacking = _missing(teacher_out, _needs(METHODS[name]))
         if lacking:
@@ -114,13 +121,14 @@ def check_teacher(spec, space: SearchSpace, splits, teacher: nn.Module, where: s
 
 
 def check_models(spec, space: SearchSpace, splits, teacher: Optional[nn.Module], student_factory=None,
-                 evaluate=None) -> Optional[nn.Module]:
+                 evaluate=None, where: str = "teacher") -> Optional[nn.Module]:
     """Every student size and every method, on one batch of training images, and the evaluation
-    function (if any) on the first student. Returns the teacher's frozen classifier head when a
-    method reuses it (None otherwise, and without a teacher: a space of teacher-free methods)."""
+    function (if any) on the first student; the teacher is the spec's, or the named one at `where`.
+    Returns the teacher's frozen classifier head when a method reuses it (None otherwise, and
+    without a teacher: a space of teacher-free methods)."""
     x = splits.train_x[:PROBE]
     idx = torch.arange(PROBE)
-    targets, head = check_teacher(spec, space, splits, teacher) if teacher is not None else ({}, None)
+    targets, head = ({}, None) if teacher is None else check_teacher(space, splits, teacher, where, arch_of(spec, where))
     for i, point in enumerate(space.baseline_points() or [{}]):
         plan = resolve(spec, point)
         s = plan.spec.student

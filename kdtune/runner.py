@@ -25,11 +25,11 @@ from kdtune.errors import SpecError, TrackingError
 from kdtune.loading import load_spec
 from kdtune.log import log
 from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
-from kdtune.preflight import OWN_NAMES, check_models, check_objectives, check_teacher
+from kdtune.preflight import OWN_NAMES, arch_of, check_models, check_objectives, check_teacher
 from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import Spec, spec_to_dict, trained_teachers
 from kdtune.teacher import FORWARD_PASSES
-from kdtune.teachers import Teachers, no_teacher, teacher_keys, teacher_view
+from kdtune.teachers import Teachers, no_teacher, teacher_keys
 from kdtune.report import finish
 from kdtune.report.tables import accuracy_metric
 from kdtune.trial import SweepData, TeacherData
@@ -124,11 +124,12 @@ def prepare_teachers(spec, space: SearchSpace, splits, stream, given, student, e
     names = space.teachers
     started = time.time()
     models = {name: loader.get(name).model for name in names}
-    head = check_models(teacher_view(spec, names[0]) if names else spec, space, splits,
-                        models[names[0]] if names else None, student, evaluate)
+    where = {name: name if name == "teacher" else f"teachers.{name}" for name in names}
+    head = check_models(spec, space, splits, models[names[0]] if names else None, student, evaluate,
+                        where[names[0]] if names else "teacher")
     heads = {names[0]: head} if names else {}
     for name in names[1:]:
-        heads[name] = check_teacher(teacher_view(spec, name), space, splits, models[name], f"teachers.{name}")[1]
+        heads[name] = check_teacher(space, splits, models[name], where[name], arch_of(spec, where[name]))[1]
     chosen, wanted = {}, loader.wanted(names, teacher_keys(space))
     for name in wanted:
         found, facts = loader.targets(name, wanted[name], outputs_dir)

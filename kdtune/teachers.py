@@ -135,13 +135,16 @@ class Teachers:
 
     def wanted(self, names: list[str], keys: list[str]) -> dict[str, list[str]]:
         """The targets to compute of each teacher: `keys` of each one in `names`, and the logits of
-        the members of an ensemble among them, so that each teacher makes its targets in one go."""
+        the members of an ensemble among them, so that each teacher makes its targets in one go
+        (ensembles last: they read their members')."""
         out: dict[str, set] = defaultdict(set)
         for name in names:
             entry = self.named[name]
-            for member in entry.ensemble if isinstance(entry, EnsembleSpec) else [name]:
-                out[member] |= {"logits"} if member != name else set(keys)
-        return {name: sorted(found) for name, found in out.items()}
+            out[name] |= {"logits"} if isinstance(entry, EnsembleSpec) else set(keys)
+            for member in entry.ensemble if isinstance(entry, EnsembleSpec) else []:
+                out[member].add("logits")
+        ensembles_last = sorted(out, key=lambda n: isinstance(self.named[n], EnsembleSpec))
+        return {name: sorted(out[name]) for name in ensembles_last}
 
     def targets(self, name: str, keys: list[str], outputs_dir: Path) -> tuple[TeacherData, dict]:
         """The named teacher's train-set targets `keys`, computed once: (its data, cache facts)."""
@@ -150,7 +153,7 @@ class Teachers:
         return self.computed[name]
 
     def _targets(self, name: str, keys: list[str], outputs_dir: Path) -> tuple[TeacherData, dict]:
-        loaded, view, entry = self.get(name), teacher_view(self.spec, name), self.named[name]
+        loaded, entry = self.get(name), self.named[name]
         if isinstance(entry, EnsembleSpec):
             members = [self.targets(m, ["logits"], outputs_dir)[0] for m in entry.ensemble]
             if any("logits" not in m.targets for m in members) or len({m.per_view for m in members}) > 1:
@@ -159,6 +162,7 @@ class Teachers:
             logits = torch.stack([m.targets["logits"] for m in members], dim=-2)
             return TeacherData({"logits": logits}, per_view=members[0].per_view, weights=loaded.model.weights), \
                 {"cache": "members' logits", "cached_targets": ["logits"], "live_targets": []}
+        view = teacher_view(self.spec, name)
         with self.counting(name):
             if self.stream is None:
                 targets, live, per_view, mode = teacher_targets(view, loaded.model, self.splits, keys)

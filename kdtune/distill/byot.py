@@ -11,17 +11,20 @@ from kdtune.distill.base import Distiller, Param, register
 from kdtune.models import Features
 
 
+POOLED = 4  # an auxiliary head reads its stage pooled to 4 x 4: a global pool of an early stage keeps too little
+
+
 class AuxiliaryHead(nn.Module):
     """A stage's feature map pooled, projected to the deepest embedding's width (the feature the
     hint pulls towards the deepest one) and classified."""
 
     def __init__(self, channels: int, embedding: int, classes: int):
         super().__init__()
-        self.project = nn.Linear(channels, embedding)
+        self.project = nn.Linear(channels * POOLED ** 2, embedding)
         self.classify = nn.Linear(embedding, classes)
 
     def forward(self, feature_map: torch.Tensor) -> Features:
-        embedding = F.relu(self.project(F.adaptive_avg_pool2d(feature_map, 1).flatten(1)))
+        embedding = F.relu(self.project(F.adaptive_avg_pool2d(feature_map, POOLED).flatten(1)))
         return Features(self.classify(embedding), embedding)
 
 
