@@ -118,8 +118,8 @@ def prepare_teachers(spec, space: SearchSpace, splits, stream, given, student, e
                      outputs_dir: Path) -> tuple[SweepData, dict]:
     """Each teacher the space can choose, loaded once with its train-set targets computed once, and
     every model and method checked on one batch (kdtune.preflight). Returns the data (the first
-    teacher's targets as its own, the others' by name) and summary.json's teacher facts: the first
-    teacher's as `teacher`, and with `teachers:` each one's (with its forward passes) as `teachers`."""
+    teacher's targets as its own, the others' by name) and the first teacher's facts, with
+    `teachers:` each one's (with its forward passes) under `teachers` (summary.json's)."""
     loader = Teachers(spec, splits, log, given, stream)
     names = space.teachers
     started = time.time()
@@ -139,9 +139,9 @@ def prepare_teachers(spec, space: SearchSpace, splits, stream, given, student, e
             _log_cache(name, facts, found)
     if not names:
         log("no teacher: no method of the space reads one")
-        return SweepData(splits, {}, stream=stream), {"teacher": no_teacher()}
+        return SweepData(splits, {}, stream=stream), no_teacher()
     first = chosen.pop(names[0])
-    info = {"teacher": {**loader.get(names[0]).facts, "targets_seconds": round(time.time() - started, 1)}}
+    info = {**loader.get(names[0]).facts, "targets_seconds": round(time.time() - started, 1)}
     if spec.teachers:
         info["teachers"] = {name: {**loader.get(name).facts, "forward_passes": dict(loader.passes[name])}
                             for name in loader.loaded}
@@ -236,6 +236,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     try:
         data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate,
                                                  outputs_dir=out_dir / "teacher_outputs")
+        teachers_info = teacher_info.pop("teachers", None)
         client = tracking.client(uri)
         exp_id = tracking.experiment_id(client, spec.name)
         storage = _storage(spec, results_dir, storage)
@@ -263,6 +264,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         status = "KILLED" if interrupted else "FINISHED"
         trials, front, gain, summary = report(spec, trials, out_dir, {
             "versions": versions(), "spec": spec_dict, "data": data_info, "teacher": teacher_info,
+            **({"teachers": teachers_info} if teachers_info else {}),
             "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
@@ -385,12 +387,15 @@ def report(spec, trials, out_dir: Path, summary: dict) -> tuple:
     front, gap = results.teacher_gap(trials, front, gain, summary["teacher"]["test_acc"])
     trials = results.mark_search_front(trials, objectives(spec))
     counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
+    which = confirm.which_teacher(trials, objectives(spec))
     summary.update({"trials": counts, "front": front.to_dict("records"), "kd_gain": gain.to_dict("records"),
-                    "teacher_gap": gap})
+                    "teacher_gap": gap, **({"which_teacher": which.to_dict("records")} if not which.empty else {})})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
     results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)))
     results.write_json(summary, out_dir / "summary.json")
-    print(results.terminal_report(front, gain, counts, gap))
+    if not which.empty:
+        results.write_csv(which, out_dir / "which_teacher.csv")
+    print(results.terminal_report(front, gain, counts, gap, which))
     print(f"files in {out_dir}/")
     return trials, front, gain, summary

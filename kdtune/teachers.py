@@ -114,9 +114,10 @@ class Teachers:
         source = self.get(entry.distil_from)
 
         def data() -> SweepData:  # only when the assistant trains, not when it is cached
+            view = teacher_view(self.spec, entry.distil_from)  # its outputs on the assistant's augmented images
+            view = view.model_copy(update={"data": view.data.model_copy(update={"augment": entry.augment})})
             with self.counting(entry.distil_from):
-                targets, live, per_view, _ = teacher_targets(teacher_view(self.spec, entry.distil_from), source.model,
-                                                             self.splits, ["logits"])
+                targets, live, per_view, _ = teacher_targets(view, source.model, self.splits, ["logits"])
             return SweepData(self.splits, targets, source.model if live else None, per_view=per_view)
         self.log(f"teacher {name}: an assistant of {entry.distil_from} (KD at T={entry.temperature:g}, "
                  f"alpha={entry.alpha:g})")
@@ -169,7 +170,7 @@ class Teachers:
                 outputs, why = None, None
             else:
                 outputs, live, mode, why = streamed_targets(view, loaded.model, self.splits, self.stream, keys,
-                                                            outputs_dir / name)
+                                                            outputs_dir / name if self.spec.teachers else outputs_dir)
                 targets, per_view = {}, False
         facts = {"cache": mode, "cached_targets": sorted(targets) or sorted(outputs.keys if outputs else []),
                  "live_targets": live, **({"cache_reason": why} if why else {}),

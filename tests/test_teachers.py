@@ -56,7 +56,8 @@ def test_teacher_is_optional_with_teachers_and_the_first_is_the_default(mnist_ro
 def test_ensemble_targets_are_the_members_weighted_mean_probability(mnist_root, tmp_path):
     spec = teachers_spec(mnist_root, tmp_path)
     splits = load_splits(spec.data, spec.seed)
-    data, info = prepare_teachers(spec, parse_space(spec), splits, None, None, None, None, tmp_path / "outputs")
+    data, facts = prepare_teachers(spec, parse_space(spec), splits, None, None, None, None, tmp_path / "outputs")
+    info = facts
     assert set(data.teachers) == {"ta", "both"}  # big is the data's own
     plan = resolve(spec, {"loss": "kd", "kd.temperature": 5.0, "teacher": "both"})
     targets = TeacherTargets(data.for_teacher(plan.teacher), ("logits",), "cpu", method_temperature(plan))
@@ -113,3 +114,32 @@ def test_a_sweep_over_teachers_records_the_choice_and_each_teacher(mnist_root, t
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_ = client.get_run(kd.iloc[0]["mlflow_run_id"])
     assert run_.data.params["teacher"] == kd.iloc[0]["teacher"]
+
+
+def test_which_teacher_pairs_each_teachers_confirmed_best_with_the_baseline():
+    from scipy import stats
+
+    from kdtune.confirm import candidates, which_teacher
+
+    search = [  # one student size; the best per teacher (and dml's) gets confirmed
+        ("b", "none", None, 0.90), ("k1", "kd", "big", 0.93), ("k2", "kd", "big", 0.92),
+        ("k3", "kd", "ta", 0.91), ("d1", "dml", None, 0.915)]
+    rows = [{"trial_id": t, "phase": "search", "loss": loss, "teacher": teacher, "student": "cnn 8",
+             "student.arch": "cnn", "width": 8, "params": 5000, "val_acc": acc, "test_acc": acc, "status": "FINISHED"}
+            for t, loss, teacher, acc in search]
+    objectives = [("val_acc", "max"), ("params", "min")]
+    picks = candidates(pd.DataFrame(rows), objectives)
+    assert list(picks["trial_id"]) == ["b", "k1", "d1", "k3"]  # baseline, best overall, then per teacher
+    confirmed = {"b": [0.90, 0.91, 0.89], "k1": [0.93, 0.935, 0.915], "k3": [0.91, 0.90, 0.88], "d1": [0.92, 0.92, 0.90]}
+    for source, accs in confirmed.items():
+        first = next(r for r in rows if r["trial_id"] == source)
+        rows += [{**first, "trial_id": f"{source}-{seed}", "phase": "confirm", "seed": seed, "source_trial": source,
+                  "test_acc": acc, "val_acc": acc} for seed, acc in zip((1, 2, 3), accs)]
+    table = which_teacher(pd.DataFrame(rows), objectives).set_index("teacher")
+    assert set(table.index) == {"big", "ta", "(dml)"}
+    for teacher, source in (("big", "k1"), ("ta", "k3"), ("(dml)", "d1")):
+        d = [k - b for k, b in zip(confirmed[source], confirmed["b"])]
+        half = stats.t.ppf(0.975, 2) * pd.Series(d).std() / 3 ** 0.5
+        assert table.loc[teacher, "gain"] == pytest.approx(sum(d) / 3)
+        assert table.loc[teacher, "ci95_low"] == pytest.approx(sum(d) / 3 - half)
+    assert table.loc["big", "verdict"] == "gain" and table.loc["ta", "verdict"] == "no clear gain"
