@@ -3,7 +3,7 @@ teacher-free methods at the default gapnet student sizes, each configuration tra
 fresh seeds and compared, paired by seed, with the no-KD baseline of its size; and what each
 costs an epoch, measured in the same run.
 
-    python benchmarks/teachers.py [--train-limit 6000] [--epochs 2] [--seeds 2] [--out benchmarks/teachers.json]
+    python benchmarks/teachers.py [--train-limit 20000] [--epochs 5] [--seeds 3] [--out benchmarks/teachers.json]
 
 Short by design (a slice, few epochs, default method parameters, no search): the trials run in
 this process through kdtune's own trial and teacher code, one thread each, as a sweep's trials do.
@@ -24,7 +24,7 @@ from kdtune.runner import prepare_teachers
 from kdtune.space import parse_space, resolve
 from kdtune.trial import run_trial
 
-STRONG = {"arch": "gapnet_dense", "epochs": 3, "batch_size": 256, "optimizer": "adamw", "lr": 0.03,
+STRONG = {"arch": "gapnet_dense", "epochs": 6, "batch_size": 256, "optimizer": "adamw", "lr": 0.03,
           "weight_decay": 0.0005, "schedule": {"type": "onecycle", "warmup_epochs": 1}, "augment": {"crop": 2}}
 TEACHERS = {"gapnet_dense": STRONG,
             "mlp32": {"arch": "mlp", "kwargs": {"width": 32}, "epochs": 1},  # the weaker teacher
@@ -55,9 +55,9 @@ def configs():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="data")
-    parser.add_argument("--train-limit", type=int, default=6000)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--train-limit", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/teachers.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -75,6 +75,7 @@ def main() -> None:
                 m = run_trial(plan, data, lambda metrics, get_state: None)
                 row = {"trial_id": f"{trial_id}-s{seed}", "source_trial": trial_id, "seed": seed, "phase": "confirm",
                        "loss": plan.method, "teacher": plan.teacher, "student": plan.student, "width": width,
+                       "student.arch": "gapnet",
                        "params": m["params"], "val_acc": m["val_acc"], "test_acc": m["test_acc"],
                        "epoch_seconds": m["epoch_seconds"], "status": "FINISHED"}
                 log(f"{plan.student} {plan.method} {plan.teacher or '-'} seed {seed}: test_acc {m['test_acc']:.4f} "

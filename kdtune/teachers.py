@@ -77,15 +77,20 @@ class Teachers:
         self.named = named_teachers(spec)
         self.loaded: dict[str, Loaded] = {}
         self.passes: dict[str, Counter] = defaultdict(Counter)
+        self.counted: Counter = Counter()  # every pass counted so far, whoever's
         self.computed: dict[str, tuple[TeacherData, dict]] = {}
 
     @contextmanager
     def counting(self, name: str):
-        before = Counter(FORWARD_PASSES)
+        """The forward passes made in the block count as `name`'s, less those a nested block
+        counted as another teacher's (an assistant's training reads its teacher's outputs)."""
+        before, others = Counter(FORWARD_PASSES), Counter(self.counted)
         try:
             yield
         finally:
-            self.passes[name].update(Counter(FORWARD_PASSES) - before)
+            own = Counter(FORWARD_PASSES) - before - (self.counted - others)
+            self.passes[name].update(own)
+            self.counted.update(own)
 
     def get(self, name: str) -> Loaded:
         if name not in self.loaded:
@@ -127,8 +132,8 @@ class Teachers:
         self._resident_only(name, "an ensemble")
         members = [self.get(m) for m in entry.ensemble]
         model = Ensemble([m.model for m in members], weights_of(entry)).eval()
-        with self.counting(name):
-            test_acc, _ = accuracy(model, self.splits.test_x, self.splits.test_y)
+        test_acc, _ = accuracy(model, self.splits.test_x, self.splits.test_y)
+        self.passes[name]["test"] += 1  # one pass of each member over the test set
         facts = {"arch": "ensemble", "params": sum(m.facts["params"] for m in members), "test_acc": test_acc,
                  "source": f"ensemble of {', '.join(entry.ensemble)}", "weights": list(model.weights)}
         self.log(f"teacher {name}: ensemble of {', '.join(entry.ensemble)}, test_acc {test_acc:.4f}")

@@ -83,6 +83,7 @@ def test_an_assistant_trains_once_from_its_teacher_then_comes_from_the_cache(mni
     first = Teachers(spec, splits, print)
     assert first.get("ta").facts["source"] == "assistant of big (trained)"
     assert first.passes["big"]["train"] == 1  # big's logits, to distil the assistant from
+    assert first.passes["ta"].get("train", 0) == 0  # those are big's passes, not the assistant's
     again = Teachers(spec, splits, print)
     assert again.get("ta").facts["source"] == "assistant of big (cached)"
     assert again.passes["big"].get("train", 0) == 0  # nothing computed for a cached assistant
