@@ -14,7 +14,6 @@ from kdtune import SpecError, load_spec, run
 from kdtune.data.resolve import load_splits
 from kdtune.space import parse_space, resolve
 from kdtune.runner import prepare_teachers
-from kdtune.teacher import FORWARD_PASSES
 from kdtune.teachers import Teachers
 from kdtune.trial import TeacherTargets, method_temperature
 
