@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 import pandas as pd
 from torch import nn
 
-from kdtune import confirm, evaluation, results, study, tracking
+from kdtune import confirm, epilogue, evaluation, reconcile, results, study, tracking
 from kdtune.cluster import init_ray, user_modules
 from kdtune.data.resolve import load_data
 from kdtune.errors import SpecError, TrackingError
@@ -30,7 +30,6 @@ from kdtune.space import SearchSpace, parse_space
 from kdtune.spec import Spec, spec_to_dict, trained_teachers
 from kdtune.teacher import FORWARD_PASSES
 from kdtune.teachers import Teachers, no_teacher, teacher_keys
-from kdtune.report import finish
 from kdtune.report.tables import accuracy_metric
 from kdtune.trial import SweepData, TeacherData
 
@@ -242,9 +241,9 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         storage = _storage(spec, results_dir, storage)
         parent_id = _parent_run(client, exp_id, spec_dict, out_dir, storage, uri, resume)
         log(f"MLflow: experiment {spec.name!r}, parent run {parent_id} ({uri})")
-        optuna_url, study_name = finish.optuna_study(spec, out_dir, parent_id)
+        optuna_url, study_name = study.location(spec, out_dir, parent_id)
         study.create(optuna_url, study_name, spec)
-        finish.tag_parent(client, parent_id, optuna_url, study_name)
+        tracking.tag_study(client, parent_id, optuna_url, study_name)
     except BaseException:
         if spec.resources.workers > 1:
             _stop_ray(temp_dir)
@@ -259,7 +258,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
 
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study_name)
         trials, students, interrupted = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
-        trials, missing = finish.reconcile(client, exp_id, parent_id, trials)
+        trials, missing = reconcile.reconcile(client, exp_id, parent_id, trials)
         interrupted = interrupted or bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
         trials, front, gain, summary = report(spec, trials, out_dir, {
@@ -269,8 +268,8 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
             "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study_name}})
-        missing += finish.at_sweep_end(spec, spec_dict, trials, front, data_, students, teacher_info["test_acc"],
-                                       out_dir, client, uri, parent_id, interrupted)
+        missing += epilogue.at_sweep_end(epilogue.Sweep(spec, data_, out_dir, client, uri, parent_id),
+                                         trials, front, students, interrupted)
         log(f"runs in the MLflow UI: {tracking.ui_link(uri, exp_id)}")
         if interrupted:
             log(f"interrupted: partial results written to {out_dir}/. {hint}")
@@ -285,7 +284,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         if tracking.guarded("end parent", tracking.end_run, client, parent_id, status, default=False) is False:
             missing.append("parent run status")
         _stop_ray(temp_dir)
-    finish.record_missing(out_dir, parent_id, missing)
+    epilogue.record_missing(out_dir, parent_id, missing)
     return SweepResult(trials, front, gain, exp_id, parent_id, out_dir, status, summary, sorted(set(missing)),
                        out_dir / "report")
 

@@ -17,11 +17,22 @@ from kdtune import tracking
 from kdtune.space import parse_space
 from kdtune.spec import Spec
 
+DB_FILE = "optuna.db"  # the study on record without `search.optuna_storage`, beside the results
 RECORDED_KEY = "study_recorded"  # in a completed trial's last result: False when the driver must record it
 TRIAL_ATTR = "kdtune.trial_id"  # the trial's id, as MLflow's `kdtune.trial_id` tag holds it
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 STATES = {"FINISHED": optuna.trial.TrialState.COMPLETE, "STOPPED": optuna.trial.TrialState.PRUNED,
           "FAILED": optuna.trial.TrialState.FAIL}
+
+
+def location(spec: Spec, out_dir: Path, parent_id: str) -> tuple[str, str]:
+    """(absolute storage URL, study name) of the sweep's Optuna study: `search.optuna_storage`, else
+    sqlite next to the results. The name holds the parent run id, so --resume finds the same study."""
+    url = spec.search.optuna_storage or f"sqlite:///{(Path(out_dir) / DB_FILE).resolve()}"
+    url = tracking.absolute_uri(url) if url.startswith("sqlite:") else url
+    if url.startswith("sqlite:////"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return url, f"{spec.name}-{parent_id}"
 
 
 def create(url: str, name: str, spec: Spec) -> None:

@@ -238,3 +238,9 @@ def mark_down() -> None:
 
 def is_down() -> bool:
     return time.time() < _down_until
+
+
+def tag_study(client, parent_id: str, url: str, study: str) -> None:
+    """The parent run names its Optuna study on record, for `optuna.load_study`."""
+    guarded("tag parent", client.set_tag, parent_id, "kdtune.optuna_storage", url)
+    guarded("tag parent", client.set_tag, parent_id, "kdtune.optuna_study", study)

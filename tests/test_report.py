@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdtune.report import hypervolume as hv
-from kdtune.report.register import pick
+from kdtune.registry import pick
 from kdtune.report.runs import ReportError
 
 

@@ -139,7 +139,7 @@ def test_an_interrupted_or_errored_trial_is_not_replayed_but_trains_again(tmp_pa
 def test_reconcile_deletes_the_run_of_a_trial_tune_never_recorded(tmp_path):
     """A trial started after Tune's last experiment snapshot, then the driver killed: --resume samples
     it anew, so its run (still RUNNING) matches no row; the sweep's end ends and deletes it."""
-    from kdtune.report import finish
+    from kdtune import reconcile
 
     client, ctx, child = child_store(tmp_path)
     kept = child()
@@ -148,7 +148,7 @@ def test_reconcile_deletes_the_run_of_a_trial_tune_never_recorded(tmp_path):
     tracking.log_epoch(client, orphan, epoch_result(1, last=False))
     trials = pd.DataFrame([{"trial_id": "t1", "phase": "search", "loss": "kd", "student": "mlp16", "status": "FINISHED",
                             "reason": "", "mlflow_run_id": kept, "epochs": 8, "val_acc": 0.9, "params": 12345}])
-    reconciled, missing = finish.reconcile(client, ctx.experiment_id, ctx.parent_run_id, trials)
+    reconciled, missing = reconcile.reconcile(client, ctx.experiment_id, ctx.parent_run_id, trials)
     assert missing == [] and list(reconciled["mlflow_run_id"]) == [kept]
     live = client.search_runs([ctx.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}'")
     assert [r.info.run_id for r in live] == [kept]

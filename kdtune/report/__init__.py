@@ -1,2 +1,3 @@
-"""kdtune's report: the analysis of a sweep rebuilt from MLflow (`python -m kdtune.report`), the
-sweep's own end-of-run report, model registration and `--sync` of runs MLflow missed."""
+"""kdtune's report: the analysis of a sweep, built from its files at its end or rebuilt from MLflow
+(`python -m kdtune.report`). The sweep's epilogue (kdtune.epilogue) and the registry
+(kdtune.registry) use it; nothing here imports the Tune layer."""

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     tracking.use_retries()
     try:
         if args.sync:
-            from kdtune.report.sync import sync
+            from kdtune.epilogue import sync
 
             left = sync(Path(args.sync), args.tracking_uri)
             if left:
@@ -84,7 +84,7 @@ def report(args) -> int:
             print(f"Optuna study of sweep {sweep['run_id']}: optuna.load_study(study_name={sweep['optuna_study']!r}, "
                   f"storage={sweep['optuna_storage']!r})")
     if args.register:
-        from kdtune.report.register import register
+        from kdtune.registry import register
 
         objs = {o["metric"]: o["mode"] for o in spec_dict["search"]["objectives"]}
         version, description = register(uri, built, args.register, args.max_params, objs.get(built["metric"], "max"),
