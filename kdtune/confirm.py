@@ -33,10 +33,22 @@ def candidates(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Da
     picks = []
     for student in students:
         same = done[done["student"] == student]
-        for group in (same[same["loss"] == "none"], same[same["loss"] != "none"]):
+        distilled = same[same["loss"] != "none"]
+        for group in (same[same["loss"] == "none"], distilled):
             if not group.empty:
                 picks.append(best(group, metric, mode))
+        if not distilled.empty and "teacher" in distilled.columns:  # and the best from each teacher (which teacher)
+            for _, group in distilled.groupby(teacher_of(distilled), sort=True):
+                found = best(group, metric, mode)
+                if found["trial_id"] not in {p["trial_id"] for p in picks}:
+                    picks.append(found)
     return pd.DataFrame(picks).reset_index(drop=True)
+
+
+def teacher_of(trials: pd.DataFrame) -> pd.Series:
+    """What each distilled trial learnt from: its teacher's name, or `(method)` for a method that
+    reads no teacher (dml, byot)."""
+    return trials["teacher"].where(trials["teacher"].notna(), "(" + trials["loss"] + ")")
 
 
 def seeds(base_seed: int, count: int) -> list[int]:
@@ -89,6 +101,36 @@ def tables(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> tuple[pd.
     return confirmed_front(confirmed_means(reruns, picks), objectives), gain_table(reruns, picks, objectives)
 
 
+def paired(done: pd.DataFrame, base_trial: str, kd_trial: str, test: str) -> pd.DataFrame:
+    """The two configurations' confirmation runs side by side by seed (columns base, kd)."""
+    runs = [done[done["source_trial"] == trial].set_index("seed")[test] for trial in (base_trial, kd_trial)]
+    return pd.concat(runs, axis=1, keys=["base", "kd"]).dropna()
+
+
+def which_teacher(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """Per student size, the confirmed best configuration from each teacher (and each teacher-free
+    method), against the no-KD baseline of that size, paired by seed with its 95% interval, as the
+    KD-gain table. Empty for a sweep without a teacher column or without complete confirmation."""
+    reruns = trials[trials["phase"] == "confirm"]
+    if "teacher" not in trials.columns or reruns.empty or (reruns["status"] == "KILLED").any():
+        return pd.DataFrame()
+    picks = candidates(trials, objectives)
+    test, done, rows = test_metric(selection(objectives)[0]), finished(reruns), []
+    for student, group in picks.groupby("student"):
+        base, kd = group[group["loss"] == "none"], group[group["loss"] != "none"]
+        if base.empty:
+            continue
+        for (teacher, _), pick in kd.assign(teacher=teacher_of(kd)).groupby(["teacher", "trial_id"], sort=False):
+            both = paired(done, base.iloc[0]["trial_id"], pick.iloc[0]["trial_id"], test)
+            mean, low, high = paired_interval(both["kd"] - both["base"])
+            rows.append({"student": student, "params": int(base.iloc[0]["params"]), "teacher": teacher,
+                         "method": pick.iloc[0]["loss"], f"baseline_{test}": both["base"].mean(),
+                         f"kd_{test}": both["kd"].mean(), "kd_std": both["kd"].std(), "gain": mean,
+                         "ci95_low": low, "ci95_high": high, "seeds": len(both), "verdict": verdict(low, high)})
+    table = pd.DataFrame(rows)
+    return table.sort_values(["params", f"kd_{test}"], ascending=[True, False]).reset_index(drop=True) if rows else table
+
+
 def gain_table(runs: pd.DataFrame, picks: pd.DataFrame, objectives=()) -> pd.DataFrame:
     """Per student size: distilled minus baseline on the test counterpart of the selection metric
     (test accuracy by default), paired by seed, with its interval."""
@@ -99,16 +141,14 @@ def gain_table(runs: pd.DataFrame, picks: pd.DataFrame, objectives=()) -> pd.Dat
         base, kd = group[group["loss"] == "none"], group[group["loss"] != "none"]
         if base.empty or kd.empty:
             continue
-        b_runs = done[done["source_trial"] == base.iloc[0]["trial_id"]].set_index("seed")[test]
-        k_runs = done[done["source_trial"] == kd.iloc[0]["trial_id"]].set_index("seed")[test]
-        paired = pd.concat([b_runs, k_runs], axis=1, keys=["base", "kd"]).dropna()
-        mean, low, high = paired_interval(paired["kd"] - paired["base"])
+        both = paired(done, base.iloc[0]["trial_id"], kd.iloc[0]["trial_id"], test)
+        mean, low, high = paired_interval(both["kd"] - both["base"])
         first = base.iloc[0]
         rows.append({"student": student, "student.arch": first["student.arch"], "width": first["width"],
                      "params": int(first["params"]),
                      "method": kd.iloc[0]["loss"],
-                     f"baseline_{test}": paired["base"].mean(), "baseline_std": paired["base"].std(),
-                     f"kd_{test}": paired["kd"].mean(), "kd_std": paired["kd"].std(),
-                     "gain": mean, "ci95_low": low, "ci95_high": high, "seeds": len(paired),
+                     f"baseline_{test}": both["base"].mean(), "baseline_std": both["base"].std(),
+                     f"kd_{test}": both["kd"].mean(), "kd_std": both["kd"].std(),
+                     "gain": mean, "ci95_low": low, "ci95_high": high, "seeds": len(both),
                      "verdict": verdict(low, high)})
     return pd.DataFrame(rows)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from kdtune.errors import SpecError
 from kdtune.space import parse_space
-from kdtune.spec import Spec, spec_to_dict
+from kdtune.spec import TEACHER_ENTRIES, Spec, spec_to_dict, trained_teachers
 
 # `--smoke`: the same sweep (its families, methods, search and confirmation) shrunk for a short
 # run on a few CPU cores, one per trial (streamed data read in the trial's own process), so a
@@ -25,8 +25,11 @@ SMOKE_EPOCHS = {"teacher": 3, "train": 2}  # the teacher gets more: it must end 
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The schema class that owns the key at `loc`, to list its allowed keys."""
-    model = Spec
+    """The schema class that owns the key at `loc`, to list its allowed keys (a `teachers:`
+    entry's form tag names its class)."""
+    model, tags = Spec, [i for i, part in enumerate(loc) if part in TEACHER_ENTRIES]
+    if tags:
+        model, loc = TEACHER_ENTRIES[loc[tags[-1]]], loc[tags[-1] + 1:]
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
@@ -40,7 +43,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def _explain(error: dict) -> SpecError:
     loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
-    path = ".".join(str(p) for p in loc)
+    path = ".".join(str(p) for p in loc if p not in TEACHER_ENTRIES)
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc)
         allowed = ", ".join(owner.model_fields) if owner else "none"
@@ -124,8 +127,9 @@ def smoke_overrides(spec: Spec) -> dict[str, Any]:
     out = {**SMOKE_FIXED, "data.train_limit": min(spec.data.train_limit or SMOKE_TRAIN_LIMIT, SMOKE_TRAIN_LIMIT),
            "search.num_samples": min(spec.search.num_samples, SMOKE_SAMPLES),
            "search.confirm_seeds": min(spec.search.confirm_seeds, SMOKE_SEEDS)}
-    for section, most in SMOKE_EPOCHS.items():
-        recipe = getattr(spec, section)
+    recipes = {"train": (spec.train, SMOKE_EPOCHS["train"]),
+               **{section: (block, SMOKE_EPOCHS["teacher"]) for section, block in trained_teachers(spec).items()}}
+    for section, (recipe, most) in recipes.items():
         epochs = min(recipe.epochs, most)
         scale = epochs / recipe.epochs
         schedule = recipe.schedule.model_dump()

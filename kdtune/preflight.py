@@ -10,11 +10,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.distill import INPUTS, METHODS, TEACHER_TARGETS
 from kdtune.errors import SpecError
 from kdtune.models.features import classifier_head, module_names, unwrapped
 from kdtune.models.resolve import build_model
 from kdtune.space import SearchSpace, resolve
+from kdtune.spec import TeacherSpec, named_teachers
 from kdtune.trial import scores
 
 PROBE = 2  # images in the probe batch
@@ -71,6 +72,12 @@ def _teacher_head(space: SearchSpace, teacher: nn.Module, teacher_out) -> Option
     return head
 
 
+def arch_of(spec, where: str) -> str:
+    """The arch of the teacher at `where` (`teacher` or `teachers.<name>`), or what an ensemble is."""
+    entry = named_teachers(spec)[where.removeprefix("teachers.")]
+    return entry.arch if isinstance(entry, TeacherSpec) else f"ensemble of {', '.join(entry.ensemble)}"
+
+
 def check_objectives(spec, names, evaluated: bool) -> None:
     """Every objective on a validation metric names one the sweep measures (`names`, without val_)."""
     for i, objective in enumerate(spec.search.objectives):
@@ -94,22 +101,30 @@ def check_evaluation(spec, evaluate, student: nn.Module, splits) -> None:
     check_objectives(spec, set(scores(student, splits.val_x[:n], splits.val_y[:n], evaluate)), evaluated=True)
 
 
-def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_factory=None,
-                 evaluate=None) -> Optional[nn.Module]:
-    """Every student size and every method, on one batch of training images, and the evaluation
-    function (if any) on the first student. Returns the teacher's frozen classifier head when a
-    method reuses it (None otherwise)."""
+def check_teacher(space: SearchSpace, splits, teacher: nn.Module, where: str, arch: str) -> tuple:
+    """The teacher (`arch` at spec key `where`) on one batch: its output, and what every method
+    reads of it. Returns (its targets, its frozen classifier head if a method reuses it, else None)."""
     x = splits.train_x[:PROBE]
-    idx = torch.arange(PROBE)
-    teacher_out = _run(teacher, x, "teacher.arch", spec.teacher.arch)
-    _output_check(teacher_out, splits.num_classes, "teacher.arch", spec.teacher.arch)
+    teacher_out = _run(teacher, x, f"{where}.arch", arch)
+    _output_check(teacher_out, splits.num_classes, f"{where}.arch", arch)
     for name in space.methods:
         lacking = _missing(teacher_out, _needs(METHODS[name]))
         if lacking:
             raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the teacher's {lacking[0]}; "
-                                                         + _feature_hint("teacher", lacking[0], teacher))
+                                                         + _feature_hint(where, lacking[0], teacher))
     head = _teacher_head(space, teacher, teacher_out)
-    targets = {k: TEACHER_TARGETS[k](teacher_out) for k in {k for m in space.methods for k in METHODS[m].teacher_keys}}
+    return {k: TEACHER_TARGETS[k](teacher_out) for k in {k for m in space.methods for k in METHODS[m].teacher_keys}}, head
+
+
+def check_models(spec, space: SearchSpace, splits, teacher: Optional[nn.Module], student_factory=None,
+                 evaluate=None, where: str = "teacher") -> Optional[nn.Module]:
+    """Every student size and every method, on one batch of training images, and the evaluation
+    function (if any) on the first student; the teacher is the spec's, or the named one at `where`.
+    Returns the teacher's frozen classifier head when a method reuses it (None otherwise, and
+    without a teacher: a space of teacher-free methods)."""
+    x = splits.train_x[:PROBE]
+    idx = torch.arange(PROBE)
+    targets, head = ({}, None) if teacher is None else check_teacher(space, splits, teacher, where, arch_of(spec, where))
     for i, point in enumerate(space.baseline_points() or [{}]):
         plan = resolve(spec, point)
         s = plan.spec.student
@@ -125,9 +140,10 @@ def check_models(spec, space: SearchSpace, splits, teacher: nn.Module, student_f
                 raise SpecError(f"search.space.loss.{name}", f"method {name!r} needs the student's {lacking[0]} "
                                                              f"({plan.student}); " + _feature_hint("student", lacking[0], student))
             try:
-                distiller = method(out, targets, len(splits.train_y), spec.train.ce_weight, teacher_head=head)
+                distiller = method(out, targets, len(splits.train_y), spec.train.ce_weight, teacher_head=head,
+                                   student_model=student)
                 distiller.train()
-                distiller(out, targets, splits.train_y[:PROBE], idx, 0.0)
+                distiller(out, {**targets, INPUTS: x}, splits.train_y[:PROBE], idx, 0.0)
             except Exception as exc:
                 raise SpecError(f"search.space.loss.{name}", f"method {name!r} failed on {plan.student}'s features: "
                                                              f"{type(exc).__name__}: {exc}") from None

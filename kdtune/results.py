@@ -176,9 +176,10 @@ def teacher_gap(trials: pd.DataFrame, front: pd.DataFrame, gain: pd.DataFrame, t
     return front, {"teacher_test_acc": teacher_acc, "best_baseline_test_acc": best, "warning": warning}
 
 
-def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict, gap: dict | None = None) -> str:
-    """The end-of-sweep tables: the front (beside the teacher), the KD gain, and how many trials
-    each status had."""
+def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict, gap: dict | None = None,
+                    which: pd.DataFrame | None = None) -> str:
+    """The end-of-sweep tables: the front (beside the teacher), the KD gain, which teacher (with
+    several), and how many trials each status had."""
     confirmed = "test_acc_std" in front.columns
     columns = (["loss"] + method_columns(front) + ["student", "params", "val_acc", "test_acc"]
                + evaluation_columns(front.columns) + (["test_acc_std", "seeds"] if confirmed else []) + ["teacher_gap"])
@@ -192,6 +193,9 @@ def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict, gap: 
         "\nKD gain per student size (" + ("paired over seeds, 95% interval" if "verdict" in gain.columns
                                            else f"best baseline vs best distilled, chosen on {chosen_on}") + "):",
         show(gain, list(gain.columns)),
+        *(["\nWhich teacher, per student size (confirmed best from each, paired over seeds against its "
+           "no-KD baseline, 95% interval):", show(which, list(which.columns))] if which is not None and not which.empty
+          else []),
         "\nstatus: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
     ] + ([f"\nteacher test_acc {gap['teacher_test_acc']:.4f}; best baseline {gap['best_baseline_test_acc'] or float('nan'):.4f}"]
          if gap else []) + ([f"WARNING: {gap['warning']}"] if gap and gap["warning"] else []))

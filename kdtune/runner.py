@@ -25,13 +25,13 @@ from kdtune.errors import SpecError, TrackingError
 from kdtune.loading import load_spec
 from kdtune.log import log
 from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
-from kdtune.preflight import OWN_NAMES, check_models, check_objectives
+from kdtune.preflight import OWN_NAMES, arch_of, check_models, check_objectives, check_teacher
 from kdtune.space import SearchSpace, parse_space
-from kdtune.spec import Spec, spec_to_dict
-from kdtune.teacher import FORWARD_PASSES, get_teacher, streamed_targets, teacher_targets
-from kdtune.distill import METHODS
+from kdtune.spec import Spec, spec_to_dict, trained_teachers
+from kdtune.teacher import FORWARD_PASSES
+from kdtune.teachers import Teachers, no_teacher, teacher_keys
 from kdtune.report.tables import accuracy_metric
-from kdtune.trial import SweepData
+from kdtune.trial import SweepData, TeacherData
 
 SWEEP_STATE = "sweep.json"
 
@@ -63,11 +63,6 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             found[name] = None
     return {"python": platform.python_version(), **found}
-
-
-def teacher_keys(space: SearchSpace) -> list[str]:
-    """Every teacher target some trial of this space may read."""
-    return sorted({key for method in space.methods for key in METHODS[method].teacher_keys})
 
 
 def _object_name(obj) -> str:
@@ -113,33 +108,56 @@ def prepare(spec, space: SearchSpace, teacher=None, student=None, data=None, eva
     log(f"data: {loaded.path} ({loaded.reason})")
     data_info = {"path": loaded.path, "reason": loaded.reason,
                  **({"workers": stream.workers, "random_transform": stream.random} if stream else {})}
-    teacher_model, info = get_teacher(spec, splits, log, teacher, stream)
-    head = check_models(spec, space, splits, teacher_model, student, evaluate)
+    data_, info = prepare_teachers(spec, space, splits, stream, teacher, student, evaluate,
+                                   outputs_dir or Path(tempfile.mkdtemp(prefix="kdtune-teacher-outputs-")))
+    return replace(data_, student_factory=student, evaluate=evaluate), info, data_info
+
+
+def prepare_teachers(spec, space: SearchSpace, splits, stream, given, student, evaluate,
+                     outputs_dir: Path) -> tuple[SweepData, dict]:
+    """Each teacher the space can choose, loaded once with its train-set targets computed once, and
+    every model and method checked on one batch (kdtune.preflight). Returns the data (the first
+    teacher's targets as its own, the others' by name) and the first teacher's facts, with
+    `teachers:` each one's (with its forward passes) under `teachers` (summary.json's)."""
+    loader = Teachers(spec, splits, log, given, stream)
+    names = space.teachers
     started = time.time()
-    keys = teacher_keys(space)
-    if stream is None:
-        targets, live, per_view, mode = teacher_targets(spec, teacher_model, splits, keys)
-        outputs, why = None, None
-    else:
-        folder = outputs_dir or Path(tempfile.mkdtemp(prefix="kdtune-teacher-outputs-"))
-        outputs, live, mode, why = streamed_targets(spec, teacher_model, splits, stream, keys, folder)
-        targets, per_view = {}, False
-    info["targets_seconds"] = round(time.time() - started, 1)
-    cached = sorted(targets) or sorted(outputs.keys if outputs else [])
-    info["cache"], info["cached_targets"], info["live_targets"] = mode, cached, live
-    if why:
-        info["cache_reason"] = why
-    if outputs:
-        info["outputs"] = {"folder": outputs.folder, "topk": outputs.topk}
+    models = {name: loader.get(name).model for name in names}
+    where = {name: name if name == "teacher" else f"teachers.{name}" for name in names}
+    head = check_models(spec, space, splits, models[names[0]] if names else None, student, evaluate,
+                        where[names[0]] if names else "teacher")
+    heads = {names[0]: head} if names else {}
+    for name in names[1:]:
+        heads[name] = check_teacher(space, splits, models[name], where[name], arch_of(spec, where[name]))[1]
+    chosen, wanted = {}, loader.wanted(names, teacher_keys(space))
+    for name in wanted:
+        found, facts = loader.targets(name, wanted[name], outputs_dir)
+        if name in names:
+            chosen[name] = replace(found, teacher_head=heads[name])
+            loader.get(name).facts.update(facts)
+            _log_cache(name, facts, found)
+    if not names:
+        log("no teacher: no method of the space reads one")
+        return SweepData(splits, {}, stream=stream), no_teacher()
+    first = chosen.pop(names[0])
+    info = {**loader.get(names[0]).facts, "targets_seconds": round(time.time() - started, 1)}
+    if spec.teachers:
+        info["teachers"] = {name: {**loader.get(name).facts, "forward_passes": dict(loader.passes[name])}
+                            for name in loader.loaded}
+    return SweepData(splits, first.targets, first.teacher, None, first.per_view, first.teacher_head, None, stream,
+                     first.outputs, chosen, first.weights), info
+
+
+def _log_cache(name: str, facts: dict, found: TeacherData) -> None:
+    cached, live, mode = facts["cached_targets"], facts["live_targets"], facts["cache"]
     if cached:
-        views = f" for each of the {next(iter(targets.values())).shape[1]} augmented views" if per_view else ""
-        where = f" on disk in {outputs.folder}" if outputs else ""
-        log(f"teacher outputs cached once for all trials (teacher.cache: {mode}){views}{where}: {', '.join(cached)}")
+        views = f" for each of the {next(iter(found.targets.values())).shape[1]} augmented views" if found.per_view else ""
+        where = f" on disk in {found.outputs.folder}" if found.outputs else ""
+        log(f"teacher {name} outputs cached once for all trials (teacher.cache: {mode}){views}{where}: {', '.join(cached)}")
     if live:
-        log(f"teacher outputs computed live in the trials (teacher.cache: {mode}"
+        why = facts.get("cache_reason")
+        log(f"teacher {name} outputs computed live in the trials (teacher.cache: {mode}"
             f"{f'; {why}' if why else ''}): {', '.join(live)}")
-    return SweepData(splits, targets, teacher_model if live else None, student, per_view, head, evaluate, stream,
-                     outputs), info, data_info
 
 
 def forward_passes(trials: pd.DataFrame) -> dict:
@@ -209,7 +227,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     tracking.use_wal(uri)
     space = parse_space(spec)
     spec_dict = spec_to_dict(spec)
-    paths = [spec.teacher.arch, spec.data.dataset, spec.evaluate or ""] + list(
+    paths = [t.arch for t in trained_teachers(spec).values()] + [spec.data.dataset, spec.evaluate or ""] + list(
         space.student_values("student.arch", spec.student.arch))
     ray_paths = user_modules(p for p in paths if IMPORT_PATH.match(p))
     # whether a trial's workers fit is a question for the cluster: asked before the teacher trains
@@ -217,6 +235,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
     try:
         data_, teacher_info, data_info = prepare(spec, space, teacher, student, data, evaluate,
                                                  outputs_dir=out_dir / "teacher_outputs")
+        teachers_info = teacher_info.pop("teachers", None)
         client = tracking.client(uri)
         exp_id = tracking.experiment_id(client, spec.name)
         storage = _storage(spec, results_dir, storage)
@@ -244,6 +263,7 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         status = "KILLED" if interrupted else "FINISHED"
         trials, front, gain, summary = report(spec, trials, out_dir, {
             "versions": versions(), "spec": spec_dict, "data": data_info, "teacher": teacher_info,
+            **({"teachers": teachers_info} if teachers_info else {}),
             "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
                              "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
@@ -366,12 +386,15 @@ def report(spec, trials, out_dir: Path, summary: dict) -> tuple:
     front, gap = results.teacher_gap(trials, front, gain, summary["teacher"]["test_acc"])
     trials = results.mark_search_front(trials, objectives(spec))
     counts = trials[trials["phase"] == "search"]["status"].value_counts().to_dict()
+    which = confirm.which_teacher(trials, objectives(spec))
     summary.update({"trials": counts, "front": front.to_dict("records"), "kd_gain": gain.to_dict("records"),
-                    "teacher_gap": gap})
+                    "teacher_gap": gap, **({"which_teacher": which.to_dict("records")} if not which.empty else {})})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
     results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)))
     results.write_json(summary, out_dir / "summary.json")
-    print(results.terminal_report(front, gain, counts, gap))
+    if not which.empty:
+        results.write_csv(which, out_dir / "which_teacher.csv")
+    print(results.terminal_report(front, gain, counts, gap, which))
     print(f"files in {out_dir}/")
     return trials, front, gain, summary

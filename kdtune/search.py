@@ -200,6 +200,7 @@ def _row(spec, phase: str, trial_id: str, config: dict, metrics: dict, status: s
     row.update({k: metrics[k] for k in results.evaluation_columns(metrics)})  # the `evaluate` function's
     row.update({"trial_id": trial_id, "phase": phase, "loss": plan.method,
                 "student.arch": plan.spec.student.arch, "width": plan.spec.student.width, "student": plan.student,
+                "teacher": plan.teacher,
                 "params": metrics.get("params"), "extra_params": metrics.get("extra_params"),
                 "val_acc": metrics.get("val_acc"), "test_acc": metrics.get("test_acc"),
                 "epochs": metrics.get("epoch", 0), "teacher_passes": metrics.get("teacher_passes"),

@@ -20,7 +20,7 @@ from kdtune.distill import METHODS
 from kdtune.errors import SpecError
 from kdtune.models import MODELS
 from kdtune.models.resolve import arch_problem
-from kdtune.spec import Spec, field_at
+from kdtune.spec import EnsembleSpec, Spec, check_teachers, default_teacher, field_at, named_teachers
 
 FORMS = ("choice", "uniform", "loguniform", "int")
 SEARCHABLE_SECTIONS = ("student", "train")
@@ -52,6 +52,12 @@ def set_at(data: dict, dotted: str, value) -> None:
     for part in parents:
         data = data.setdefault(part, {})
     data[leaf] = value
+
+
+def reads_teacher(method: str) -> bool:
+    """Whether a method distils from a teacher (none, dml and byot do not)."""
+    cls = METHODS[method]
+    return bool(cls.teacher_keys) or cls.needs_teacher_head
 
 
 def has_maps(arch: str) -> bool | None:
@@ -104,6 +110,9 @@ class SearchSpace:
     params: dict[str, Dim]
     methods: dict[str, dict[str, Dim]]
     archs: dict[str, dict[str, Dim]] = field(default_factory=dict)  # student.arch as branches
+    teacher: Dim | None = None  # `teacher: {choice: [names]}`, sampled only for methods that read a teacher
+    default_teacher: str | None = None
+    named_teachers: bool = False  # the spec names its teachers (`teachers:`): trials.csv gets a teacher column
 
     @property
     def columns(self) -> list[str]:
@@ -111,7 +120,15 @@ class SearchSpace:
         names = list(self.params)
         if self.archs:
             names += ["student.arch"] + [f"{a}.{p}" for a, dims in self.archs.items() for p in dims]
-        return names + ["loss"] + [f"{m}.{p}" for m, dims in self.methods.items() for p in dims]
+        return (names + ["loss"] + [f"{m}.{p}" for m, dims in self.methods.items() for p in dims]
+                + (["teacher"] if self.teacher is not None or self.named_teachers else []))
+
+    @property
+    def teachers(self) -> list[str]:
+        """The named teachers some trial of this space distils from (none when no method reads one)."""
+        if not any(reads_teacher(m) for m in self.methods):
+            return []
+        return list(self.teacher.args) if self.teacher is not None else [self.default_teacher]
 
     def __call__(self, trial) -> dict[str, Any]:
         """Optuna define-by-run (a picklable callable, as Tune checkpoints the searcher);
@@ -122,6 +139,8 @@ class SearchSpace:
         if self.archs:
             _branch(trial, constants, "student.arch", self.archs)
         _branch(trial, constants, "loss", self.methods)
+        if self.teacher is not None and reads_teacher(constants.get("loss") or trial.params["loss"]):
+            _sample(trial, constants, "teacher", self.teacher)
         return constants
 
     def baseline_points(self) -> list[dict]:
@@ -245,9 +264,33 @@ def _parse_archs(raw: dict, spec_dict: dict, shared: dict) -> dict[str, dict[str
     return _parse_branches(raw, "search.space.student.arch", arch_problem, "arch", "{width: {choice: [4, 8]}}", parse)
 
 
+def _parse_teacher(raw: Any, names: list[str]) -> Dim:
+    """`teacher: name` or `teacher: {choice: [names]}`, each a named teacher."""
+    def known(value):
+        return None if value in names else f"unknown teacher; named teachers: {', '.join(names)}"
+    dim = _parse_dim("search.space.teacher", raw, known)
+    if dim.form not in ("fixed", "choice"):
+        raise SpecError(f"search.space.teacher.{dim.form}", "the teacher is a name or {choice: [names]}")
+    return dim
+
+
+def _check_method_teachers(methods: dict, space: "SearchSpace", spec) -> None:
+    """An ensemble has only logits: a method reading a teacher's features or classifier cannot use it."""
+    ensembles = [n for n in space.teachers if isinstance(named_teachers(spec)[n], EnsembleSpec)]
+    for name in methods:
+        cls = METHODS[name]
+        wants = [k for k in cls.teacher_keys if k != "logits"] + (["classifier"] if cls.needs_teacher_head else [])
+        if ensembles and wants:
+            raise SpecError(f"search.space.loss.{name}",
+                            f"method {name!r} reads the teacher's {wants[0]}, but teacher {ensembles[0]!r} is an "
+                            "ensemble, which gives only logits; drop the method or that teacher")
+
+
 def parse_space(spec) -> SearchSpace:
-    """Validate `spec.search.space` against the spec schema and the method registry."""
+    """Validate `spec.search.space` against the spec schema, the method registry and the named teachers."""
+    check_teachers(spec)
     raw = dict(spec.search.space)
+    teacher = _parse_teacher(raw.pop("teacher"), list(named_teachers(spec))) if "teacher" in raw else None
     methods = _parse_methods(raw.pop("loss", {"kd": {}}))
     if spec.search.baselines and "none" not in methods:
         methods = {"none": {}, **methods}
@@ -261,7 +304,8 @@ def parse_space(spec) -> SearchSpace:
             raise SpecError(path, "not a searchable key; use width, loss, student.kwargs.<name>, or a dotted "
                                   f"path under {' or '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr, student.arch)")
         params[key] = _parse_dim(path, value, _spec_value_check(spec_dict, dotted))
-    space = SearchSpace(params, methods, archs)
+    space = SearchSpace(params, methods, archs, teacher, default_teacher(spec), bool(spec.teachers))
+    _check_method_teachers(methods, space, spec)
     archs = space.student_values("student.arch", spec.student.arch)
     for name in methods:
         if METHODS[name].needs_conv_student:
@@ -281,6 +325,7 @@ class TrialPlan:
     method: str
     method_params: dict
     seed: int
+    teacher: str | None = None  # the named teacher it distils from; None for a teacher-free method
 
     @property
     def student(self) -> str:
@@ -303,4 +348,5 @@ def resolve(spec, config: dict) -> TrialPlan:
             dotted = dotted_key(key[len(arch_prefix):])
         if dotted.split(".")[0] in SEARCHABLE_SECTIONS:
             set_at(data, dotted, value)
-    return TrialPlan(Spec.model_validate(data), method, method_params, int(config.get("seed", spec.seed)))
+    teacher = config.get("teacher") or (default_teacher(spec) if reads_teacher(method) else None)
+    return TrialPlan(Spec.model_validate(data), method, method_params, int(config.get("seed", spec.seed)), teacher)

@@ -6,11 +6,12 @@ the CLI can exit 2 before Ray or MLflow start.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from kdtune.data.base import DATASETS
+from kdtune.errors import SpecError
 from kdtune.models.resolve import IMPORT_PATH, IN_MEMORY, arch_problem
 
 METRICS = ("val_acc", "val_loss", "params", "extra_params")
@@ -124,7 +125,7 @@ class ModelSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the model's factory; `student.kwargs.<name>` can be searched."""
     features: Optional[FeatureNodes] = None
-    """Graph nodes to read features from, for models that are not built in."""
+    """Modules (read by forward hooks) or graph nodes (torch.fx) to read features from, for models neither built in nor timm's."""
 
     _arch = field_validator("arch")(check_arch)
 
@@ -162,6 +163,60 @@ class TeacherSpec(ModelSpec):
     """Budget for cached teacher targets, in MB; targets that do not fit run live."""
     topk: Optional[int] = Field(None, ge=1)
     """Streamed data: keep each image's k largest logits on disk (and the mean of the rest)."""
+
+
+class AssistantSpec(TeacherSpec):
+    """A named teacher block; with `distil_from`, an assistant (TAKD): trained once per sweep by KD
+    from that named teacher at `temperature` and `alpha`, then cached like any teacher."""
+
+    distil_from: Optional[str] = None
+    """The named teacher this assistant is distilled from (once per sweep, then cached)."""
+    temperature: float = Field(4.0, gt=0)
+    """The assistant's KD temperature."""
+    alpha: float = Field(0.9, ge=0, le=1)
+    """The weight of the assistant's KD term against its cross-entropy."""
+
+
+class EnsembleSpec(Strict):
+    """A teacher whose targets are the weighted mean of its members' probabilities at the
+    method's temperature (weights equal by default)."""
+
+    ensemble: list[str]
+    """The member teachers' names."""
+    weights: Optional[list[float]] = None
+    """One weight per member (equal by default)."""
+
+    @field_validator("ensemble")
+    @classmethod
+    def _members(cls, value):
+        if not value:
+            raise ValueError("an ensemble needs at least one member (names of teachers in `teachers`)")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value, info: ValidationInfo):
+        if value is None:
+            return value
+        members = info.data.get("ensemble") or []
+        if len(value) != len(members):
+            raise ValueError(f"needs one weight per member: {len(members)} (got {len(value)})")
+        if any(w <= 0 for w in value):
+            raise ValueError(f"weights must be positive (got {value})")
+        return value
+
+
+# The tags of a `teachers:` entry's two forms; kdtune.loading drops them from error key paths.
+TEACHER_ENTRIES = {"<ensemble>": EnsembleSpec, "<teacher>": AssistantSpec}
+
+
+def _entry_form(value) -> str:
+    ensemble = "ensemble" in value if isinstance(value, dict) else isinstance(value, EnsembleSpec)
+    return "<ensemble>" if ensemble else "<teacher>"
+
+
+TeacherEntry = Annotated[Union[Annotated[EnsembleSpec, Tag("<ensemble>")], Annotated[AssistantSpec, Tag("<teacher>")]],
+                         Discriminator(_entry_form)]
 
 
 class StudentSpec(ModelSpec):
@@ -273,8 +328,10 @@ class Spec(Strict):
     """Fixes the validation split, data order, initialisation and the sampler."""
     data: DataSpec = Field(default_factory=DataSpec)
     """The dataset and how it is read."""
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
-    """The teacher, and its training recipe when no checkpoint is given."""
+    teacher: Optional[TeacherSpec] = None
+    """The one teacher, and its training recipe when no checkpoint is given; with `teachers` it may be left out."""
+    teachers: dict[str, TeacherEntry] = Field(default_factory=dict)
+    """Named teachers: teacher blocks, assistants (`distil_from`) and ensembles; `search.space.teacher` picks one."""
     student: StudentSpec = Field(default_factory=StudentSpec)
     """The student family."""
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -293,6 +350,12 @@ class Spec(Strict):
     _evaluate = field_validator("evaluate")(check_evaluate)
     smoke: Optional[dict[str, Any]] = None
     """What `--smoke` sets besides kdtune's own shrinking, in the spec's layout (e.g. `{train: {epochs: 3}}`)."""
+
+    @model_validator(mode="after")
+    def _one_teacher_by_default(self):
+        if self.teacher is None and not self.teachers:
+            self.teacher = TeacherSpec()
+        return self
 
 
 def spec_to_dict(spec: Spec) -> dict:
@@ -314,3 +377,43 @@ def field_at(dotted: str):
             return None
         model = field.annotation
     return model.model_fields.get(leaf)
+
+
+def named_teachers(spec: Spec) -> dict[str, Union[TeacherSpec, EnsembleSpec]]:
+    """Every teacher a trial may distil from, by name: `teacher:` as `teacher`, then `teachers:`."""
+    return {**({"teacher": spec.teacher} if spec.teacher is not None else {}), **spec.teachers}
+
+
+def trained_teachers(spec: Spec) -> dict[str, TeacherSpec]:
+    """The teacher blocks with a recipe, by their spec path (`teacher`, `teachers.<name>`)."""
+    blocks = {"teacher": spec.teacher} if spec.teacher is not None else {}
+    return {**blocks, **{f"teachers.{n}": t for n, t in spec.teachers.items() if not isinstance(t, EnsembleSpec)}}
+
+
+def default_teacher(spec: Spec) -> str:
+    """The teacher of a trial whose space chooses none: `teacher:`, else the first named one."""
+    return next(iter(named_teachers(spec)))
+
+
+def check_teachers(spec: Spec) -> None:
+    """The names `teachers:` entries refer to exist, and assistants' chains end (SpecError)."""
+    named = named_teachers(spec)
+    if spec.teacher is not None and "teacher" in spec.teachers:
+        raise SpecError("teachers.teacher", "the name `teacher` is the top-level teacher block's; rename this one")
+    plain = [n for n, t in named.items() if not isinstance(t, EnsembleSpec)]
+    for name, entry in spec.teachers.items():
+        if isinstance(entry, EnsembleSpec):
+            for i, member in enumerate(entry.ensemble):
+                if member not in plain:
+                    raise SpecError(f"teachers.{name}.ensemble.{i}", f"unknown member {member!r}; an ensemble's "
+                                                                      f"members are teachers or assistants: {', '.join(plain)}")
+        elif entry.distil_from is not None:
+            if entry.distil_from not in plain:
+                raise SpecError(f"teachers.{name}.distil_from",
+                                f"unknown teacher {entry.distil_from!r}; one of {', '.join(n for n in plain if n != name)}")
+            chain, at = [name], entry.distil_from
+            while at is not None:
+                if at in chain:
+                    raise SpecError(f"teachers.{name}.distil_from", f"cyclic: {' -> '.join(chain + [at])}")
+                chain.append(at)
+                at = getattr(named[at], "distil_from", None)

@@ -8,6 +8,7 @@ import os
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -79,9 +80,24 @@ def _load_state(path: Path, model: nn.Module) -> None:
         raise TeacherError(f"teacher.checkpoint: {path}: does not fit arch {type(target).__name__} ({'; '.join(problems)})")
 
 
-def teacher_plan(spec) -> TrialPlan:
-    """Training the teacher as a trial with no teacher: its model as the student, its recipe as
-    the training settings, its augmentation as the data's."""
+@dataclass
+class Distil:
+    """How an assistant trains: KD from its named teacher (the `source` config its cache key
+    includes), with that teacher's train-set targets made only when it does train."""
+
+    source: dict
+    temperature: float
+    alpha: float
+    data: Callable[[], SweepData]
+
+    @property
+    def config(self) -> dict:
+        return {"distil_from": self.source, "temperature": self.temperature, "alpha": self.alpha}
+
+
+def teacher_plan(spec, distil: Optional[Distil] = None) -> TrialPlan:
+    """Training the teacher as a trial with no teacher (an assistant: with KD from its own): its
+    model as the student, its recipe as the training settings, its augmentation as the data's."""
     t = spec.teacher
     raw = spec.model_dump(mode="python")
     raw["student"] = {"arch": t.arch, "kwargs": t.kwargs, "features": raw["teacher"]["features"], "width": None}
@@ -90,7 +106,10 @@ def teacher_plan(spec) -> TrialPlan:
                         label_smoothing=0.0, ce_weight=1.0, checkpoint_every=t.epochs)
     raw["data"]["augment"] = raw["teacher"]["augment"]
     raw["search"]["space"] = {}
-    return TrialPlan(Spec.model_validate(raw), "none", {}, spec.seed)
+    if distil is None:
+        return TrialPlan(Spec.model_validate(raw), "none", {}, spec.seed)
+    return TrialPlan(Spec.model_validate(raw), "kd", {"temperature": distil.temperature, "alpha": distil.alpha},
+                     spec.seed)
 
 
 def driver_device(spec) -> torch.device:
@@ -113,7 +132,7 @@ def on_device(model: nn.Module, device: torch.device):
 
 
 def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], None],
-                  stream: Optional[Stream] = None) -> None:
+                  stream: Optional[Stream] = None, distil: Optional[Distil] = None) -> None:
     """Train `model` in place with the teacher's recipe, through the trial's own training path, on
     the driver's device and a trial's share of threads (`resources.cpu`): more threads than cores
     spin rather than work."""
@@ -126,17 +145,18 @@ def train_teacher(model: nn.Module, spec, splits: Splits, log: Callable[[str], N
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     try:
         with on_device(model, device):
-            run_trial(teacher_plan(spec), SweepData(splits, {}, stream=stream).to(device), report, device=device,
-                      student=model)
+            data = distil.data() if distil else SweepData(splits, {}, stream=stream)
+            run_trial(teacher_plan(spec, distil), data.to(device), report, device=device, student=model)
     finally:
         torch.set_num_threads(threads)
 
 
-def _cached_or_trained(spec, model: nn.Module, splits: Splits, log, stream: Optional[Stream]) -> tuple[str, str]:
+def _cached_or_trained(spec, model: nn.Module, splits: Splits, log, stream: Optional[Stream],
+                       distil: Optional[Distil] = None) -> tuple[str, str]:
     """Load the spec's teacher from the cache, or train and cache it: (source, checkpoint path).
     The key holds the model's structure too: a class edited under the same import path is
     trained anew, and a cached file that still does not load is set aside and replaced."""
-    config = teacher_config(spec)
+    config = {**teacher_config(spec), **(distil.config if distil else {})}
     keyed = {**config, "structure": structure(unwrapped(model))}
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     name = spec.teacher.arch.replace(":", "-").replace("/", "-")
@@ -153,7 +173,7 @@ def _cached_or_trained(spec, model: nn.Module, splits: Splits, log, stream: Opti
             path.replace(aside)
             log(f"teacher: cached checkpoint does not load ({str(exc).split(': ', 2)[-1]}); set aside as {aside}")
     log(f"teacher: training {spec.teacher.arch} for {spec.teacher.epochs} epoch(s)")
-    train_teacher(model, spec, splits, log, stream)
+    train_teacher(model, spec, splits, log, stream, distil)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save({"state_dict": unwrapped(model).state_dict(), "config": config}, partial)
@@ -162,10 +182,12 @@ def _cached_or_trained(spec, model: nn.Module, splits: Splits, log, stream: Opti
 
 
 def get_teacher(spec, splits: Splits, log: Callable[[str], None],
-                given: Union[nn.Module, Callable, None] = None, stream: Optional[Stream] = None) -> tuple[nn.Module, dict]:
+                given: Union[nn.Module, Callable, None] = None, stream: Optional[Stream] = None,
+                distil: Optional[Distil] = None) -> tuple[nn.Module, dict]:
     """The frozen teacher and its facts (params, test_acc, where it came from).
 
-    `given` (from kdtune.run) is a trained module, used as is, or a factory to train from.
+    `given` (from kdtune.run) is a trained module, used as is, or a factory to train from; with
+    `distil`, the teacher is an assistant, trained (once, then cached) by KD from its own.
     With a `stream`, `splits` holds only probe images: training and the test score stream."""
     started = time.time()
     path = None
@@ -182,7 +204,7 @@ def get_teacher(spec, splits: Splits, log: Callable[[str], None],
             train_teacher(model, spec, splits, log, stream)
             source = "trained"
         else:
-            source, path = _cached_or_trained(spec, model, splits, log, stream)
+            source, path = _cached_or_trained(spec, model, splits, log, stream, distil)
     model.eval().requires_grad_(False)
     if stream is None:
         test_acc, _ = accuracy(model, splits.test_x, splits.test_y)

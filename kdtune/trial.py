@@ -10,7 +10,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -21,7 +21,7 @@ from kdtune.data import Splits, batches
 from kdtune.data.augment import Augment
 from kdtune.data.stream import Stream, seed_rngs
 from kdtune.teacher_outputs import DiskOutputs
-from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.distill import INPUTS, METHODS, TEACHER_TARGETS
 from kdtune.evaluation import OnDevice, loader, score
 from kdtune.models import count_params
 from kdtune.models.features import student_params
@@ -87,6 +87,49 @@ def loader_accuracy(model: nn.Module, loader, device) -> tuple[float, float]:
     return correct / seen, loss / seen
 
 
+def numpy_targets(targets: dict[str, torch.Tensor]) -> dict:
+    return {k: v.numpy() for k, v in targets.items()}
+
+
+def torch_targets(targets: dict) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # the shared buffers are read-only, and trials only read them
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) for k, v in targets.items()}
+
+
+@dataclass
+class TeacherData:
+    """One named teacher's share of the sweep data (kdtune.teachers): as SweepData's teacher
+    fields. An ensemble's `logits` are its members' (N x [views x] members x classes), mixed in
+    each trial at its method's temperature with `weights` (they sum to 1)."""
+
+    targets: dict[str, torch.Tensor]
+    teacher: Optional[nn.Module] = field(repr=False, default=None)
+    per_view: bool = False
+    teacher_head: Optional[nn.Module] = field(repr=False, default=None)
+    outputs: Optional[DiskOutputs] = field(repr=False, default=None)
+    weights: Optional[tuple[float, ...]] = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "targets": numpy_targets(self.targets)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, targets=torch_targets(state["targets"]))
+
+    def to(self, device) -> "TeacherData":
+        teacher, head = (m.to(device) if m is not None else None for m in (self.teacher, self.teacher_head))
+        return TeacherData({k: v.to(device) for k, v in self.targets.items()}, teacher, self.per_view, head,
+                           self.outputs, self.weights)
+
+
+def ensemble_logits(members: torch.Tensor, weights: tuple[float, ...], temperature: float) -> torch.Tensor:
+    """Logits z whose softmax(z / T) is the weighted mean of the members' softmax(logits / T)
+    (members on dim -2): what a method reading teacher logits at temperature T distils from."""
+    w = torch.tensor(weights, device=members.device, dtype=torch.float32)[:, None]
+    mean = (F.softmax(members.float() / temperature, dim=-1) * w).sum(-2)
+    return temperature * mean.clamp_min(1e-12).log()
+
+
 @dataclass
 class SweepData:
     """What every trial shares, computed once per sweep: the splits and the teacher's cached
@@ -106,6 +149,9 @@ class SweepData:
     # teacher's outputs on disk, read by sample index
     stream: Optional[Stream] = field(repr=False, default=None)
     outputs: Optional[DiskOutputs] = field(repr=False, default=None)
+    # with several named teachers, each one a trial may choose (the fields above: the default's)
+    teachers: dict[str, TeacherData] = field(default_factory=dict)
+    weights: Optional[tuple[float, ...]] = None  # the targets are an ensemble's (TeacherData)
 
     @property
     def train_size(self) -> int:
@@ -114,21 +160,28 @@ class SweepData:
     def __getstate__(self):
         """Tensors travel as numpy arrays: Ray maps those from its object store without a
         copy, so a trial starts without unpickling hundreds of MB of data."""
-        return {**self.__dict__, "splits": self.splits.map(torch.Tensor.numpy),
-                "targets": {k: v.numpy() for k, v in self.targets.items()}}
+        return {**self.__dict__, "splits": self.splits.map(torch.Tensor.numpy), "targets": numpy_targets(self.targets)}
 
     def __setstate__(self, state):
         with warnings.catch_warnings():  # the shared buffers are read-only, and trials only read them
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             splits = state.pop("splits").map(torch.from_numpy)
-            targets = {k: torch.from_numpy(v) for k, v in state.pop("targets").items()}
-        self.__dict__.update(state, splits=splits, targets=targets)
+        self.__dict__.update(state, splits=splits, targets=torch_targets(state.pop("targets")))
 
     def to(self, device) -> "SweepData":
         moved = self.splits.map(lambda t: t.to(device))
         teacher, head = (m.to(device) if m is not None else None for m in (self.teacher, self.teacher_head))
         return SweepData(moved, {k: v.to(device) for k, v in self.targets.items()}, teacher, self.student_factory,
-                         self.per_view, head, self.evaluate, self.stream, self.outputs)
+                         self.per_view, head, self.evaluate, self.stream, self.outputs,
+                         {name: t.to(device) for name, t in self.teachers.items()}, self.weights)
+
+    def for_teacher(self, name: Optional[str]) -> "SweepData":
+        """The data with the named teacher's targets as its own (unchanged for the default one)."""
+        if name not in self.teachers:
+            return self
+        t = self.teachers[name]
+        return replace(self, targets=t.targets, teacher=t.teacher, per_view=t.per_view, teacher_head=t.teacher_head,
+                       outputs=t.outputs, weights=t.weights, teachers={})
 
     def split_scores(self, model: nn.Module, split: str, device) -> dict[str, float]:
         """`scores` of `model` on the validation or test data ("val" or "test"), resident or
@@ -158,7 +211,9 @@ class TeacherTargets:
     """Serves a batch's teacher targets: cached rows by dataset index (and, for a cache of every
     augmented view, by the view each image was given), the rest by a live forward."""
 
-    def __init__(self, data: SweepData, keys: tuple[str, ...], device):
+    def __init__(self, data: SweepData, keys: tuple[str, ...], device, temperature: float = 1.0,
+                 inputs: bool = False):
+        self.weights, self.temperature, self.inputs = data.weights, temperature, inputs
         self.cached = {k: data.targets[k] for k in keys if k in data.targets}
         self.on_disk = [k for k in keys if data.outputs is not None and k in data.outputs.keys]
         self.outputs, self.device = data.outputs, device
@@ -183,7 +238,23 @@ class TeacherTargets:
             with torch.no_grad():
                 features = self.teacher(x)
             out.update({k: TEACHER_TARGETS[k](features) for k in self.live})
+        if self.weights is not None:
+            out["logits"] = ensemble_logits(out["logits"], self.weights, self.temperature)
+        if self.inputs:
+            out[INPUTS] = x
         return out
+
+
+def method_temperature(plan: TrialPlan) -> float:
+    """The temperature the plan's method reads the teacher at (1 for a method without one)."""
+    param = METHODS[plan.method].params.get("temperature")
+    return plan.method_params.get("temperature", param.default) if param else 1.0
+
+
+def own_scores(distiller: nn.Module, data: SweepData, device) -> dict[str, float]:
+    """val_acc_<name> of each model the method trains of its own (dml's peers, byot's heads)."""
+    return {f"val_acc_{name}": data.split_scores(model, "val", device)["acc"]
+            for name, model in distiller.evaluated().items()}
 
 
 def accumulate_step(loss: torch.Tensor, step: int, steps: int, accumulate: int, optimizer, schedule,
@@ -274,13 +345,14 @@ def run_trial(plan: TrialPlan, data: SweepData,
     student = ranks.sync_batch_norm(to_device(student if student is not None else build_student(spec, data), device))
     augment = Augment.of(spec.data.augment, splits)
     method = METHODS[plan.method]
-    targets = TeacherTargets(data, method.teacher_keys, device)
+    data = data.for_teacher(plan.teacher)
+    targets = TeacherTargets(data, method.teacher_keys, device, method_temperature(plan), method.needs_inputs)
     probe = torch.arange(2, device=device)
     student.eval()  # the shape probe must not move batch-norm statistics
     with torch.no_grad():
         distiller = method(student(splits.train_x[probe]), targets(probe, splits.train_x[probe]),
                            data.train_size, spec.train.ce_weight, label_smoothing=spec.train.label_smoothing,
-                           teacher_head=data.teacher_head, **plan.method_params).to(device)
+                           teacher_head=data.teacher_head, student_model=student, **plan.method_params).to(device)
     targets.live_batches = targets.live_samples = 0
     distiller.gather = ranks.gather  # a method with state (CRD's banks) updates it with every rank's batch
     epochs, n, accumulate = spec.train.epochs, data.train_size, spec.train.accumulate
@@ -332,7 +404,8 @@ def run_trial(plan: TrialPlan, data: SweepData,
         diverged = not all(math.isfinite(v) for v in losses.values())
         evaluate = ranks.lead and not diverged
         val = data.split_scores(student, "val", device) if evaluate else {"acc": math.nan, "loss": math.nan}
-        metrics = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in val.items()}, **losses, **fixed,
+        own = own_scores(distiller, data, device) if evaluate else {}
+        metrics = {"epoch": epoch + 1, **{f"val_{k}": v for k, v in val.items()}, **own, **losses, **fixed,
                    "epoch_seconds": time.time() - started, "teacher_live_batches": ranks.total(targets.live_batches),
                    "teacher_passes": ranks.total(targets.live_samples) / n,
                    "diverged": diverged, "done": diverged or epoch + 1 == epochs}

@@ -43,7 +43,8 @@ def trial_params(plan, config: dict) -> dict:
     student = plan.spec.student
     return {"loss": plan.method, "student.arch": student.arch, "width": student.width,
             **{f"student.kwargs.{k}": v for k, v in student.kwargs.items()}, "train.lr": plan.spec.train.lr, "train.epochs": plan.spec.train.epochs, "seed": plan.seed,
-            "train.effective_batch_size": effective_batch(plan.spec), **method_defaults, **config}
+            "train.effective_batch_size": effective_batch(plan.spec), **method_defaults, **config,
+            **({"teacher": plan.teacher} if plan.teacher else {})}
 
 
 def effective_batch(spec) -> int:
@@ -62,6 +63,7 @@ def trial_tags(plan, ctx: SweepContext, config: dict) -> dict:
     (the parent run). The student's size, `kdtune.params`, follows with the first epoch. The
     config lets a resume rebuild a trial Tune's snapshot missed."""
     return {"kdtune.phase": ctx.phase, "kdtune.loss": plan.method, "kdtune.student": plan.student,
+            **({"kdtune.teacher": plan.teacher} if plan.teacher else {}),
             "kdtune.sweep": ctx.parent_run_id, tracking.CONFIG_TAG: json.dumps(config, default=str)}
 
 

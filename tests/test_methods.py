@@ -11,7 +11,7 @@ import torch
 
 import kdtune
 from kdtune.data.splits import split
-from kdtune.distill import METHODS, TEACHER_TARGETS
+from kdtune.distill import INPUTS, METHODS, TEACHER_TARGETS
 from kdtune.errors import SpecError
 from kdtune.models import Features, count_params, create_model
 from kdtune.models.features import classifier_head
@@ -461,7 +461,10 @@ def test_gradients_reach_student_and_heads_not_teacher(teacher, name, arch):
         t = {k: TEACHER_TARGETS[k](t_features) for k in METHODS[name].teacher_keys}
         example = student(x[:4])
     head = classifier_head(teacher, t_features)
-    method = METHODS[name](example, {k: v[:4] for k, v in t.items()}, num_train, teacher_head=head)
+    method = METHODS[name](example, {k: v[:4] for k, v in t.items()}, num_train, teacher_head=head,
+                           student_model=student)
+    if METHODS[name].needs_inputs:  # dml runs its peers on the batch, as the trial gives it
+        t[INPUTS] = x
 
     terms = method.losses(student(x), t, labels, torch.randperm(num_train)[:8], 5.0)
     assert "ce" in terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())

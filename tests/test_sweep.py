@@ -179,12 +179,13 @@ def test_a_space_naming_every_method_runs_each_of_them(tmp_path, run_cli):
     spec.write_text(yaml.safe_dump({
         "name": "all-methods", "data": {"val_size": 500, "train_limit": 2000, "test_limit": 500},
         "teacher": {"epochs": 1}, "student": {"arch": "cnn", "width": 4}, "train": {"epochs": 1, "batch_size": 64},
-        "search": {"space": {"loss": {name: {} for name in METHODS}}, "sampler": "random", "num_samples": 16,
+        "search": {"space": {"loss": {name: {} for name in METHODS}}, "sampler": "random", "num_samples": 30,
                    "baselines": False, "confirm_seeds": 0}}))
     done = run_cli([spec], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "results" / "all-methods" / "trials.csv")
-    assert set(trials["loss"]) == set(METHODS) == {"none", "kd", "fitnet", "rkd", "crd", "dkd", "at", "srrl"}
+    assert set(trials["loss"]) == set(METHODS) == {"none", "kd", "fitnet", "rkd", "crd", "dkd", "at", "srrl", "dml",
+                                                   "byot"}
     assert (trials["status"] == "FINISHED").all()
     assert (trials.loc[trials["loss"].isin(["fitnet", "crd"]), "extra_params"] > 0).all()
 

@@ -66,7 +66,12 @@ class Distiller(nn.Module):
     Args given to every method: the student's and the teacher targets' shapes (a forward
     of one small batch), the training-set size (for memory banks), the CE weight and label
     smoothing, the teacher's frozen classifier head (for methods that set
-    `needs_teacher_head`, else None) and the method's own parameters (defaults filled in).
+    `needs_teacher_head`, else None), the student module (to copy, never to train: the
+    trial trains it) and the method's own parameters (defaults filled in).
+
+    A method's own trainable modules (a regressor, dml's peers, byot's auxiliary heads) are
+    its submodules: the trial trains and checkpoints them with it, counts them as
+    `extra_params`, and deploys the student alone.
     """
 
     name: ClassVar[str]
@@ -74,10 +79,12 @@ class Distiller(nn.Module):
     needs_conv_student: ClassVar[bool] = False
     needs_teacher_head: ClassVar[bool] = False  # reads the teacher's classifier weights, not only its outputs
     teacher_keys: ClassVar[tuple[str, ...]] = ("logits",)  # the TEACHER_TARGETS this method reads
+    # reads the batch's images as t[INPUTS], to run models of its own on them (dml's peers)
+    needs_inputs: ClassVar[bool] = False
 
     def __init__(self, student: Features, teacher: dict[str, torch.Tensor], num_train: int,
                  ce_weight: float = 1.0, label_smoothing: float = 0.0, teacher_head: Optional[nn.Module] = None,
-                 **params):
+                 student_model: Optional[nn.Module] = None, **params):
         super().__init__()
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
         self.hp = {k: params.get(k, p.default) for k, p in self.params.items()}
@@ -94,6 +101,11 @@ class Distiller(nn.Module):
         `progress` the epochs done so far (fractional), for warm-ups."""
         raise NotImplementedError
 
+    def evaluated(self) -> dict[str, nn.Module]:
+        """Models of the method's own (returning Features) whose validation accuracy the trial
+        logs every epoch as `val_acc_<name>`: dml's peers, byot's auxiliary classifiers."""
+        return {}
+
     def forward(self, *args, **kwargs):
         return self.losses(*args, **kwargs)
 
@@ -103,6 +115,8 @@ class Distiller(nn.Module):
         the same on every worker. The trial replaces it when it trains on several workers."""
         return values
 
+
+INPUTS = "inputs"  # the batch's images among a `needs_inputs` method's targets
 
 METHODS: dict[str, type[Distiller]] = {}
 """Every registered method by name: the keys a spec's `search.space.loss` may use."""

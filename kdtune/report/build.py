@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdtune import results
+from kdtune import confirm, results
 from kdtune.report import hypervolume as hv
 from kdtune.report.importance import importances
 from kdtune.report.page import write_page
@@ -31,6 +31,8 @@ def write_report(trials: pd.DataFrame, spec_dict: dict, out_dir: Path, title: st
         names = trials.drop_duplicates("sweep").set_index("sweep")["sweep_name"]
         if "sweep" in front.columns:
             front = front.assign(sweep_name=front["sweep"].map(names))
+    which = confirm.which_teacher(trials, objs) if "sweep" not in trials.columns or trials["sweep"].nunique() <= 1 \
+        else pd.DataFrame()
     methods = methods_table(trials)
     notes = []
     try:
@@ -46,12 +48,14 @@ def write_report(trials: pd.DataFrame, spec_dict: dict, out_dir: Path, title: st
     results.write_csv(front, out_dir / "pareto.csv")
     results.plot_pareto(trials, front, out_dir / "pareto.png", metric)
     results.write_csv(gain, out_dir / "kd_gain.csv")
+    if not which.empty:
+        results.write_csv(which, out_dir / "which_teacher.csv")
     results.write_csv(methods, out_dir / "methods.csv")
     results.write_csv(ranked, out_dir / "importances.csv")
     results.write_json(hv_info, out_dir / "hypervolume.json")
     write_page(out_dir / "report.html", title, subtitle, trials, front, gain, methods, ranked,
-               f"{volume:.4f} {hv_info['description']}", metric, notes)
-    return {"trials": trials, "front": front, "gain": gain, "methods": methods, "importances": ranked,
+               f"{volume:.4f} {hv_info['description']}", metric, notes, which)
+    return {"trials": trials, "front": front, "gain": gain, "which": which, "methods": methods, "importances": ranked,
             "hypervolume": hv_info, "metric": metric}
 
 
@@ -60,7 +64,7 @@ def terminal(report: dict, out_dir: Path) -> str:
     counts = report["trials"][report["trials"]["phase"] == "search"]["status"].value_counts().to_dict()
     info = report["hypervolume"]
     ranked = report["importances"]
-    lines = [results.terminal_report(report["front"], report["gain"], counts),
+    lines = [results.terminal_report(report["front"], report["gain"], counts, which=report["which"]),
              *(["Front of several sweeps, each row on its sweep's own basis: " + "; ".join(
                  f"{int(r['params']):,} params: {r['basis']} ({r.get('sweep_name', r['sweep'])})"
                  for _, r in report["front"].iterrows())] if "basis" in report["front"].columns else []),

@@ -109,7 +109,8 @@ def parallel_figure(trials: pd.DataFrame, metric: str):
 
 
 def write_page(path, title: str, subtitle: str, trials: pd.DataFrame, front: pd.DataFrame, gain: pd.DataFrame,
-               methods: pd.DataFrame, importances: pd.DataFrame, hv_text: str, metric: str, notes: list[str]) -> None:
+               methods: pd.DataFrame, importances: pd.DataFrame, hv_text: str, metric: str, notes: list[str],
+               which: pd.DataFrame | None = None) -> None:
     pareto = pareto_figure(trials, front, metric)
     parallel = parallel_figure(trials, metric)
     plots = pareto.to_html(full_html=False, include_plotlyjs=True, div_id="pareto", config={"responsive": True})
@@ -131,6 +132,8 @@ def write_page(path, title: str, subtitle: str, trials: pd.DataFrame, front: pd.
         table_html(front, front_cols),
         "<h2>Searched parameters</h2>", plots_par,
         "<h2>KD gain per student size</h2>", table_html(gain),
+        *(["<h2>Which teacher, per student size</h2>", table_html(which)] if which is not None and not which.empty
+          else []),
         "<h2>Methods</h2>", table_html(methods),
         f"<h2>Parameter importances for {html.escape(metric)} (Optuna, fANOVA)</h2>", table_html(importances),
         *[f"<p class='note'>{html.escape(n)}</p>" for n in notes],
