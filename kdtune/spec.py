@@ -125,7 +125,7 @@ class ModelSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the model's factory; `student.kwargs.<name>` can be searched."""
     features: Optional[FeatureNodes] = None
-    """Modules (read by forward hooks) or graph nodes (torch.fx) to read features from, for models neither built in nor timm's."""
+    """Modules (forward hooks) or graph nodes (torch.fx) to read features from, for models neither built in nor timm."""
 
     _arch = field_validator("arch")(check_arch)
 
