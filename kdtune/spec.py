@@ -8,12 +8,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kdtune.data.base import DATASETS
 from kdtune.models.resolve import IMPORT_PATH, IN_MEMORY, arch_problem
 
-METRICS = ("val_acc", "val_loss", "params", "extra_params")
+METRICS = ("val_acc", "val_loss", "params", "extra_params", "flops", "latency_ms", "model_mb")
+ARCH_METRICS = ("params", "flops", "latency_ms", "model_mb")  # kdtune.measure: fixed by the architecture
 EVALUATED = re.compile(r"^val_[A-Za-z0-9_]+$")  # val_<name> of a metric the `evaluate` function returns
 
 
@@ -152,6 +153,29 @@ class Objective(Strict):
     _metric = field_validator("metric")(check_metric)
 
 
+class Constraint(Strict):
+    """A bound on a figure the architecture fixes (kdtune.measure), given to Optuna's sampler."""
+
+    metric: str
+    max: Optional[float] = None
+    min: Optional[float] = None
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in ARCH_METRICS:
+            raise ValueError(f"unknown constraint metric {value!r}; one of {', '.join(map(repr, ARCH_METRICS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max is None and self.min is None:
+            raise ValueError("a constraint needs max, min or both")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
 class SchedulerSpec(Strict):
     type: Literal["asha"]
     grace_period: int = Field(1, ge=1)
@@ -171,6 +195,22 @@ class SearchSpec(Strict):
     max_failures: int = Field(0, ge=0)
     confirm_seeds: int = Field(3, ge=0)
     optuna_storage: Optional[str] = None  # the study's RDB URL; default sqlite:///<results>/<name>/optuna.db
+    constraints: list[Constraint] = Field(default_factory=list)  # Optuna's constraints_func; tpe, nsga2, gp
+
+    @field_validator("constraints")
+    @classmethod
+    def _constrained_sampler(cls, value, info):
+        if value and info.data.get("sampler") == "random":
+            raise ValueError("the random sampler takes no constraints; use tpe, nsga2 or gp")
+        return value
+
+
+class DeploySpec(Strict):
+    """Where latency_ms is measured (kdtune.measure): batch size, device and intra-op threads."""
+
+    batch_size: int = Field(1, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int = Field(1, ge=1)
 
 
 class Resources(Strict):
@@ -201,6 +241,7 @@ class Spec(Strict):
     resources: Resources = Field(default_factory=Resources)
     ray: RaySpec = Field(default_factory=RaySpec)
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
     evaluate: Optional[str] = None  # `package.module:function(model, data_loader) -> {name: number}`
 
     _evaluate = field_validator("evaluate")(check_evaluate)

@@ -1,0 +1,108 @@
+"""What a student costs to deploy: FLOPs, latency and size, measured once per architecture.
+
+None of the three depends on the weights, so one architecture (arch, width and kwargs) is
+measured once and every trial of it shares the figures. The driver measures them, one
+architecture at a time, when the searcher first samples it: not inside trials, where a
+dozen busy neighbours would distort the timings.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdtune.models.features import student_params
+from kdtune.spec import ARCH_METRICS
+
+MEASURED = tuple(m for m in ARCH_METRICS if m != "params")  # the deployment costs, beside the trial's own `params`
+WARMUP = 10  # forwards before timing: allocator, caches and oneDNN kernels settle
+MIN_RUN_S = 0.2  # torch.utils.benchmark runs blocks of forwards for at least this long
+
+
+def flops(model: nn.Module, sample: torch.Tensor) -> int:
+    """Floating-point operations of one forward of `sample`, as torch's FlopCounterMode counts them
+    (a multiply-add is two)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(sample)
+    return int(counter.get_total_flops())
+
+
+def latency_ms(model: nn.Module, batch: torch.Tensor, threads: int = 1) -> float:
+    """The median wall time of one forward of `batch`, in milliseconds: eval mode, no grad, after
+    warm-up, with `threads` intra-op threads (torch.utils.benchmark pins and restores them)."""
+    with torch.no_grad():
+        for _ in range(WARMUP):
+            model(batch)
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    timer = benchmark.Timer(stmt="with torch.no_grad(): model(batch)", globals={"model": model, "batch": batch},
+                            num_threads=threads)
+    return timer.blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
+
+
+def model_mb(model: nn.Module) -> float:
+    """The serialized size of the model's weights (torch.save of its state dict), in MB (10^6 bytes)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes / 1e6
+
+
+def measure(model: nn.Module, in_shape, batch_size: int = 1, device: str = "cpu", threads: int = 1) -> dict:
+    """All four figures of one model, on random inputs of the dataset's shape (none depends on the values)."""
+    model = model.to(device).eval()
+    sample = torch.rand(1, *in_shape, device=device)
+    batch = torch.rand(batch_size, *in_shape, device=device)
+    return {"params": student_params(model), "flops": flops(model, sample),
+            "latency_ms": latency_ms(model, batch, threads), "model_mb": model_mb(model)}
+
+
+def arch_key(student_spec) -> str:
+    """One architecture: the student's arch, width and kwargs (a resolved spec's `student`)."""
+    return json.dumps(student_spec.model_dump(mode="json"), sort_keys=True, default=str)
+
+
+@dataclass
+class Measurer:
+    """The driver's cache of measured architectures. `build(student_spec)` builds an untrained
+    student; the settings are the spec's `deploy` block."""
+
+    build: Callable[[object], nn.Module]
+    in_shape: tuple
+    batch_size: int = 1
+    device: str = "cpu"
+    threads: int = 1
+    cache: dict = field(default_factory=dict)
+
+    def __call__(self, student_spec) -> dict:
+        key = arch_key(student_spec)
+        if key not in self.cache:
+            self.cache[key] = measure(self.build(student_spec), self.in_shape, self.batch_size, self.device,
+                                      self.threads)
+        return self.cache[key]
+
+    def __getstate__(self):  # Tune snapshots the searcher; the figures travel, the builder does not
+        return {**self.__dict__, "build": None}
+
+
+def violations(measures: dict, constraints) -> list[float]:
+    """Optuna's constraint values for one trial: one per bound, > 0 by how much it is exceeded,
+    <= 0 when it holds."""
+    found = []
+    for c in constraints:
+        value = float(measures[c.metric])
+        if c.max is not None:
+            found.append(value - c.max)
+        if c.min is not None:
+            found.append(c.min - value)
+    return found
+
+
+def feasible(measures: dict, constraints) -> bool:
+    return all(v <= 0 for v in violations(measures, constraints))
