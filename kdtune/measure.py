@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdtune.models.features import student_params
+from kdtune.models.resolve import build_model
 from kdtune.spec import ARCH_METRICS
 
 MEASURED = tuple(m for m in ARCH_METRICS if m != "params")  # the deployment costs, beside the trial's own `params`
@@ -70,25 +71,34 @@ def arch_key(student_spec) -> str:
 
 @dataclass
 class Measurer:
-    """The driver's cache of measured architectures. `build(student_spec)` builds an untrained
-    student; the settings are the spec's `deploy` block."""
+    """The driver's figures per architecture, each measured once: students of `in_shape` images and
+    `num_classes` classes (`factory`: the student factory given to kdtune.run), at the spec's
+    `deploy` settings."""
 
-    build: Callable[[object], nn.Module]
     in_shape: tuple
+    num_classes: int
     batch_size: int = 1
     device: str = "cpu"
     threads: int = 1
+    factory: Optional[Callable] = None
     cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_sweep(cls, spec, splits, factory=None) -> "Measurer":
+        deploy = spec.deploy
+        return cls(tuple(splits.in_shape), splits.num_classes, deploy.batch_size, deploy.device, deploy.threads,
+                   factory)
 
     def __call__(self, student_spec) -> dict:
         key = arch_key(student_spec)
         if key not in self.cache:
-            self.cache[key] = measure(self.build(student_spec), self.in_shape, self.batch_size, self.device,
-                                      self.threads)
+            model = build_model(student_spec, self.in_shape, self.num_classes, "student", student_spec.width,
+                                self.factory)
+            self.cache[key] = measure(model, self.in_shape, self.batch_size, self.device, self.threads)
         return self.cache[key]
 
-    def __getstate__(self):  # Tune snapshots the searcher; the figures travel, the builder does not
-        return {**self.__dict__, "build": None}
+    def __getstate__(self):  # Tune snapshots the searcher with plain pickle: the figures go, a user's factory not
+        return {**self.__dict__, "factory": None}
 
 
 def violations(measures: dict, constraints) -> list[float]:

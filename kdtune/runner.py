@@ -370,7 +370,8 @@ def report(spec, trials, out_dir: Path, summary: dict) -> tuple:
                     "teacher_gap": gap})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
-    results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)))
+    results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)),
+                        results.cost_metrics(objectives(spec)))
     results.write_json(summary, out_dir / "summary.json")
     print(results.terminal_report(front, gain, counts, gap))
     print(f"files in {out_dir}/")
