@@ -134,7 +134,7 @@ def log_onnx(tracking_uri: str, run_id: str, student, input_example: np.ndarray)
         warnings.simplefilter("ignore")
         for name, model in zip(ONNX_NAMES, (student.float_model, student.int8_model)):
             mlflow.onnx.log_model(model, name=name, input_example=input_example, run_id=run_id,
-                                  save_as_external_data=False)
+                                  save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
     for key, value in student.metrics().items():
         client.log_metric(run_id, key, value)
     client.set_tag(run_id, QUANTIZED_TAG, student.quantized())

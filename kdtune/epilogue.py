@@ -53,9 +53,14 @@ def _send(client, uri: str, run_id, model, example: np.ndarray) -> bool:
         return False
 
 
+def front_key(front: pd.DataFrame) -> str:
+    """The column naming the search trial of each front row: source_trial for confirmed means."""
+    return "source_trial" if "source_trial" in front.columns and front["source_trial"].notna().any() else "trial_id"
+
+
 def front_trials(front: pd.DataFrame) -> set[str]:
-    """The search trials the front's rows are (a confirmed front's rows name theirs in source_trial)."""
-    return set(front["source_trial"]) if "source_trial" in front.columns else set(front.get("trial_id", []))
+    """The search trials the front's rows are."""
+    return set(front.get(front_key(front), []))
 
 
 def with_onnx(sweep: Sweep, run_id: str, model, example: np.ndarray) -> str:
@@ -189,7 +194,7 @@ def at_sweep_end(sweep: Sweep, trials: pd.DataFrame, front: pd.DataFrame, studen
     spec, out_dir = sweep.spec, Path(sweep.out_dir)
     missing, quantized = ([], {}) if interrupted else log_models(sweep, trials, front, students)
     if quantized:
-        key = "source_trial" if "source_trial" in front.columns else "trial_id"
+        key = front_key(front)
         front = front.assign(quantized=front[key].map(quantized))
         results.write_csv(front, out_dir / "pareto.csv")
         print("\nint8 (ONNX Runtime static quantization) against the float ONNX student:\n"

@@ -296,7 +296,7 @@ class TrackingCallback(tune.Callback):
             if self.best is None or self.sign * value > self.sign * self.best[0]:
                 self.best = (value, str(trial))
         best = f"best {self.objective} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no finished trial yet"
-        shown = f"{self.objective} {value:.4f}" if isinstance(value, float) else ""
+        shown = f"{self.objective} {value:.4f}" if isinstance(value, float) and status != "INFEASIBLE" else ""
         print(f"[{self.done}/{self.total}] {trial} {status.lower()} {shown} | {best}", file=self.out, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -65,3 +65,12 @@ def test_a_constrained_three_objective_sweep(tmp_path, mnist_root, teacher_cache
     assert (report / "pareto-3d.html").is_file()
     hv = pd.read_json(report / "hypervolume.json", typ="series")
     assert len(hv["objectives"]) == 3 and hv["hypervolume"] > 0
+
+    # models for the front's representatives only; each front student also as float and int8 ONNX
+    trials = pd.read_csv(result.results_dir / "trials.csv")
+    for _, row in trials.iterrows():
+        run = client.get_run(row["mlflow_run_id"])
+        assert ("kdtune.model_uri" in run.data.tags) == bool(row["search_front"]), row["trial_id"]
+        if row["search_front"]:
+            assert 0 <= run.data.metrics["int8_test_acc"] <= 1 and run.data.metrics["onnx_max_abs_diff"] <= 1e-4
+    assert front["quantized"].str.startswith("int8 test_acc").all()
