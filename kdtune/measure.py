@@ -23,7 +23,7 @@ from kdtune.spec import ARCH_METRICS
 
 MEASURED = tuple(m for m in ARCH_METRICS if m != "params")  # the deployment costs, beside the trial's own `params`
 WARMUP = 10  # forwards before timing: allocator, caches and oneDNN kernels settle
-MIN_RUN_S = 0.2  # torch.utils.benchmark runs blocks of forwards for at least this long
+SPREAD, MAX_RUN_S = 0.05, 3.0  # timing stops once the blocks' IQR is within 5% of their median, or at 3 s
 
 
 def flops(model: nn.Module, sample: torch.Tensor) -> int:
@@ -38,14 +38,10 @@ def flops(model: nn.Module, sample: torch.Tensor) -> int:
 def latency_ms(model: nn.Module, batch: torch.Tensor, threads: int = 1) -> float:
     """The median wall time of one forward of `batch`, in milliseconds: eval mode, no grad, after
     warm-up, with `threads` intra-op threads (torch.utils.benchmark pins and restores them)."""
-    with torch.no_grad():
-        for _ in range(WARMUP):
-            model(batch)
-    if batch.is_cuda:
-        torch.cuda.synchronize()
     timer = benchmark.Timer(stmt="with torch.no_grad(): model(batch)", globals={"model": model, "batch": batch},
                             num_threads=threads)
-    return timer.blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
+    timer.timeit(WARMUP)  # warm-up at the timed thread count (the Timer synchronizes CUDA itself)
+    return timer.adaptive_autorange(threshold=SPREAD, max_run_time=MAX_RUN_S).median * 1e3
 
 
 def model_mb(model: nn.Module) -> float:

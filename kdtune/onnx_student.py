@@ -22,7 +22,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils import benchmark
 
-from kdtune.measure import MIN_RUN_S, WARMUP
+from kdtune.measure import MAX_RUN_S, SPREAD, WARMUP
 
 CHECKED = 256  # test images the ONNX model is checked on against PyTorch
 TOLERANCE = 1e-4  # the largest absolute logit difference accepted
@@ -98,11 +98,10 @@ def quantize(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto
 
 def latency_ms(runner: ort.InferenceSession, batch: np.ndarray) -> float:
     """The median wall time of one run of `batch`, after warm-up, as kdtune.measure times PyTorch."""
-    feed = {INPUT: batch}
-    for _ in range(WARMUP):
-        runner.run([OUTPUT], feed)
-    timer = benchmark.Timer(stmt="runner.run(outputs, feed)", globals={"runner": runner, "outputs": [OUTPUT], "feed": feed})
-    return timer.blocked_autorange(min_run_time=MIN_RUN_S).median * 1e3
+    timer = benchmark.Timer(stmt="runner.run(outputs, feed)",
+                            globals={"runner": runner, "outputs": [OUTPUT], "feed": {INPUT: batch}})
+    timer.timeit(WARMUP)
+    return timer.adaptive_autorange(threshold=SPREAD, max_run_time=MAX_RUN_S).median * 1e3
 
 
 def accuracy(values: np.ndarray, labels: np.ndarray) -> float:
