@@ -1,6 +1,6 @@
 """Deployment figures on this CPU (docs/deploying.md): repeatability of the latency measurement,
 latency against parameters for the default spec's students, the measuring overhead, a sweep
-constrained at the median student's latency (infeasible trainings counted) and its front's int8
+constrained between the two families' latencies (infeasible trainings counted) and its front's int8
 copies against float.
 
     PYTHONPATH=. python benchmarks/deploy.py --data-root DIR    # about 5 minutes on 2 cores
@@ -16,6 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import kdtune
@@ -67,7 +68,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 
 def constrained_sweep(data_root: str, max_latency: float) -> dict:
-    """The default space on a light budget, constrained at the median student's latency."""
+    """The default space on a light budget, constrained at `max_latency` ms."""
     spec = kdtune.load_spec(DEFAULT, {**LIGHT, "data.root": data_root, "name": "deploy-bench",
                                       "search.constraints": [{"metric": "latency_ms", "max": max_latency}]})
     with tempfile.TemporaryDirectory() as folder:
@@ -103,8 +104,13 @@ def main() -> None:
     table["params_rank"] = table["params"].rank().astype(int)
     table["latency_rank"] = table["latency_ms"].rank().astype(int)
     plot(table, HERE / "deploy-latency.png")
-    median = float(table["latency_ms"].median())
-    sweep = constrained_sweep(args.data_root, median)
+    # the median student is one of three gapnets whose latencies lie within this CPU's noise of each
+    # other, so the bound sits between the families instead (geometric mean of the slowest mlp and
+    # the fastest gapnet): which students break it cannot depend on the noise
+    family = table["student"].str.split().str[0]
+    bound = float(np.sqrt(table.loc[family == "mlp", "latency_ms"].max() * table.loc[family == "gapnet", "latency_ms"].min()))
+    sweep = constrained_sweep(args.data_root, bound)
+    sweep["median_student_latency_ms"] = float(table["latency_ms"].median())
     out = {"date": date.today().isoformat(), "machine": "2-core CPU, shared with other jobs",
            "repeatability": repeat, "max_difference": max(v["difference"] for v in repeat.values()),
            "students": table.round(5).to_dict("records"),
