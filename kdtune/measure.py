@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdtune.models.features import student_params
@@ -38,6 +37,8 @@ def flops(model: nn.Module, sample: torch.Tensor) -> int:
 def latency_ms(model: nn.Module, batch: torch.Tensor, threads: int = 1) -> float:
     """The median wall time of one forward of `batch`, in milliseconds: eval mode, no grad, after
     warm-up, with `threads` intra-op threads (torch.utils.benchmark pins and restores them)."""
+    from torch.utils import benchmark  # imported when timing: it pulls in torch's C++ extension loader
+
     timer = benchmark.Timer(stmt="with torch.no_grad(): model(batch)", globals={"model": model, "batch": batch},
                             num_threads=threads)
     timer.timeit(WARMUP)  # warm-up at the timed thread count (the Timer synchronizes CUDA itself)

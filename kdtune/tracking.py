@@ -157,8 +157,8 @@ def final_result(client: MlflowClient, run_id: str) -> dict | None:
         return None
     diverged = run.data.tags.get("kdtune.reason") == "diverged"
     epoch = max((m.step for m in client.get_metric_history(run_id, "val_acc")), default=0)
-    infeasible = run.data.tags["kdtune.status"] == "INFEASIBLE"
-    return {**run.data.metrics, "epoch": epoch, "diverged": diverged, "infeasible": infeasible,
+    infeasible = run.data.tags["kdtune.status"] == "INFEASIBLE"  # recorded without training
+    return {**run.data.metrics, "epoch": epoch, "diverged": diverged, **({"infeasible": True} if infeasible else {}),
             "done": diverged or infeasible or run.data.tags["kdtune.status"] == "FINISHED"}
 
 
