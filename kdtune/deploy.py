@@ -24,6 +24,8 @@ from kdtune.trial import SweepData, build_student
 
 MODEL_NAME = "student"
 MODEL_URI_TAG = "kdtune.model_uri"
+ONNX_NAMES = ("student_onnx", "student_int8")  # the float and int8 ONNX models beside the PyTorch one
+QUANTIZED_TAG = "kdtune.quantized"  # what int8 costs and buys, as the front table's `quantized` column says it
 EXAMPLES = 2  # images in the logged input example
 CHECKED = 16  # images the trace is checked on against the eager student
 
@@ -49,10 +51,10 @@ def normalisation(splits: Splits) -> tuple[tuple[float, ...], tuple[float, ...]]
     return (0.0,) * channels, (1.0,) * channels
 
 
-def raw_images(splits: Splits, count: int) -> torch.Tensor:
-    """The first `count` test images in the deployable model's own input space."""
+def raw_images(splits: Splits, count: int | None, split: str = "test") -> torch.Tensor:
+    """The first `count` (None: all) images of a split in the deployable model's own input space."""
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in normalisation(splits))
-    return (splits.test_x[:count].cpu().float() * std + mean).contiguous()
+    return (getattr(splits, f"{split}_x")[:count].cpu().float() * std + mean).contiguous()
 
 
 def trained_student(spec, config: dict, data: SweepData, state: dict) -> nn.Module:
@@ -89,17 +91,22 @@ def example(splits: Splits) -> np.ndarray:
     return raw_images(splits, EXAMPLES).numpy()
 
 
-def log_student(tracking_uri: str, run_id: str, model: torch.jit.ScriptModule, input_example: np.ndarray) -> str:
-    """Log `model` to the run with `mlflow.pytorch.log_model` (the input example gives the
-    signature), tag the run with the URI that loads it, and return that URI."""
+def use_run_experiment(tracking_uri: str, run_id: str) -> None:
+    """log_model files a model under the active experiment (else Default), not under its run's: there
+    the run page's "Logged models" and the experiment's Models tab would not list it."""
     import mlflow
-    import mlflow.pytorch
 
     if mlflow.get_tracking_uri() != tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    # log_model files the model under the active experiment (else Default), not under its run's: there
-    # the run page's "Logged models" and the experiment's Models tab would not list it
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
+
+
+def log_student(tracking_uri: str, run_id: str, model: torch.jit.ScriptModule, input_example: np.ndarray) -> str:
+    """Log `model` to the run with `mlflow.pytorch.log_model` (the input example gives the
+    signature), tag the run with the URI that loads it, and return that URI."""
+    import mlflow.pytorch
+
+    use_run_experiment(tracking_uri, run_id)
     quiet = logging.getLogger("mlflow.pytorch")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its warning is about pickled modules; this is a TorchScript archive
@@ -113,3 +120,21 @@ def log_student(tracking_uri: str, run_id: str, model: torch.jit.ScriptModule, i
         quiet.setLevel(level)
     mlflow.MlflowClient(tracking_uri).set_tag(run_id, MODEL_URI_TAG, info.model_uri)
     return info.model_uri
+
+
+def log_onnx(tracking_uri: str, run_id: str, student, input_example: np.ndarray) -> None:
+    """Log a kdtune.onnx_student.OnnxStudent beside the PyTorch model: both models with MLflow's
+    onnx flavour, their accuracy and latency as metrics, and the `quantized` summary as a tag."""
+    import mlflow
+    import mlflow.onnx
+
+    use_run_experiment(tracking_uri, run_id)
+    client = mlflow.MlflowClient(tracking_uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, model in zip(ONNX_NAMES, (student.float_model, student.int8_model)):
+            mlflow.onnx.log_model(model, name=name, input_example=input_example, run_id=run_id,
+                                  save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
+    for key, value in student.metrics().items():
+        client.log_metric(run_id, key, value)
+    client.set_tag(run_id, QUANTIZED_TAG, student.quantized())

@@ -30,8 +30,7 @@ def model_targets(trials: pd.DataFrame, front: pd.DataFrame) -> pd.DataFrame:
     """The students to log as models: the search front, the final front's source trials, and every
     finished confirmation run."""
     search = trials["phase"] == "search"
-    sources = set(front["source_trial"]) if "source_trial" in front.columns else set(front.get("trial_id", []))
-    on_front = search & (trials["search_front"] | trials["trial_id"].isin(sources))
+    on_front = search & (trials["search_front"] | trials["trial_id"].isin(front_trials(front)))
     confirmed = trials["phase"] == "confirm"
     return trials[(on_front | confirmed) & (trials["status"] == "FINISHED")]
 
@@ -54,17 +53,47 @@ def _send(client, uri: str, run_id, model, example: np.ndarray) -> bool:
         return False
 
 
-def log_models(sweep: Sweep, trials: pd.DataFrame, front: pd.DataFrame, students: dict) -> list[str]:
+def front_key(front: pd.DataFrame) -> str:
+    """The column naming the search trial of each front row: source_trial for confirmed means."""
+    return "source_trial" if "source_trial" in front.columns and front["source_trial"].notna().any() else "trial_id"
+
+
+def front_trials(front: pd.DataFrame) -> set[str]:
+    """The search trials the front's rows are."""
+    return set(front.get(front_key(front), []))
+
+
+def with_onnx(sweep: Sweep, run_id: str, model, example: np.ndarray) -> str:
+    """A front student's float and int8 ONNX models beside its PyTorch one; returns the front table's
+    `quantized` entry (empty when ONNX Runtime disagrees with PyTorch: warned, no ONNX kept)."""
+    from kdtune.onnx_student import onnx_student
+
+    splits, deploy_spec = sweep.data.splits, sweep.spec.deploy
+    try:
+        student, why = onnx_student(model, deploy.raw_images(splits, None), splits.test_y,
+                                    deploy.raw_images(splits, None, "train"), deploy_spec.batch_size, deploy_spec.threads)
+    except Exception as exc:  # noqa: BLE001 - an operator ONNX lacks costs the ONNX copy only
+        student, why = None, f"export failed: {tracking.first_line(exc)}"
+    if student is None:
+        log(f"WARNING: no ONNX model for run {run_id}: {why}")
+        return ""
+    tracking.guarded("log ONNX models", deploy.log_onnx, sweep.uri, run_id, student, example)
+    return student.quantized()
+
+
+def log_models(sweep: Sweep, trials: pd.DataFrame, front: pd.DataFrame, students: dict) -> tuple[list[str], dict]:
     """Log each target student as the deployable model, rebuilt from its trial's last checkpoint
-    as the trial built it. One MLflow cannot take now is saved in results/<name>/models/ for
-    --sync. `students` maps (phase, trial id) to (config, checkpoint). Returns the trial ids whose
-    model is not in MLflow."""
+    as the trial built it; a front student also as float and int8 ONNX models (kdtune.onnx_student).
+    One MLflow cannot take now is saved in results/<name>/models/ for --sync. `students` maps
+    (phase, trial id) to (config, checkpoint). Returns the trial ids whose model is not in MLflow,
+    and each ONNX-exported front trial's `quantized` entry."""
     import torch
 
     from kdtune.tuning import load_state
 
     spec, data, out_dir = sweep.spec, sweep.data, sweep.out_dir
     example = deploy.example(data.splits)
+    on_front, quantized = front_trials(front), {}
     missing = []
     for _, row in model_targets(trials, front).iterrows():
         config, checkpoint = students.get((row["phase"], row["trial_id"]), (None, None))
@@ -77,13 +106,16 @@ def log_models(sweep: Sweep, trials: pd.DataFrame, front: pd.DataFrame, students
             log(f"model of trial {row['trial_id']} not built: {tracking.first_line(exc)}")
             missing.append(row["trial_id"])
             continue
-        if not _send(sweep.client, sweep.uri, row["mlflow_run_id"], model, example):
+        sent = _send(sweep.client, sweep.uri, row["mlflow_run_id"], model, example)
+        if sent and row["phase"] == "search" and row["trial_id"] in on_front:
+            quantized[row["trial_id"]] = with_onnx(sweep, row["mlflow_run_id"], model, example)
+        if not sent:
             path = _unsent_path(out_dir, row["phase"], row["trial_id"])
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path.parent / EXAMPLE, example)
             results.write_atomic(path, lambda tmp: torch.jit.save(model, tmp))
             missing.append(row["trial_id"])
-    return missing
+    return missing, quantized
 
 
 def send_saved_models(client, uri: str, trials: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -160,7 +192,13 @@ def at_sweep_end(sweep: Sweep, trials: pd.DataFrame, front: pd.DataFrame, studen
     them), then the report, written to results/<name>/report/, and all of it logged to the parent
     run. Returns what MLflow is missing."""
     spec, out_dir = sweep.spec, Path(sweep.out_dir)
-    missing = [] if interrupted else log_models(sweep, trials, front, students)
+    missing, quantized = ([], {}) if interrupted else log_models(sweep, trials, front, students)
+    if quantized:
+        key = front_key(front)
+        front = front.assign(quantized=front[key].map(quantized))
+        results.write_csv(front, out_dir / "pareto.csv")
+        print("\nint8 (ONNX Runtime static quantization) against the float ONNX student:\n"
+              + results.show(front, [key, "student", "test_acc", "latency_ms", "quantized"]))
     teacher_acc = json.loads((out_dir / "summary.json").read_text())["teacher"]["test_acc"]
     write_report(trials, spec_to_dict(spec), out_dir / "report", f"kdtune report: {spec.name}",
                  f"kdtune sweep {spec.name}, written by the sweep at its end", teacher_acc=teacher_acc)

@@ -15,3 +15,13 @@ def pareto_mask(df: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Serie
     better = (values[:, None, :] > values[None, :, :]).any(axis=2)
     dominated = (no_worse & better).any(axis=0)
     return pd.Series(~dominated, index=df.index)
+
+
+def representatives(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """One row per distinct objective vector of `front`, with a `trials` column counting the tied
+    trials it stands for. The tie-break is the sampler's order: the first of the tied rows (the
+    earliest trial), which makes the choice reproducible and never reads a test metric."""
+    metrics = [m for m, _ in objectives]
+    counts = front.groupby(metrics, sort=False, dropna=False)[metrics[0]].transform("size")
+    first = ~front.duplicated(metrics, keep="first")
+    return front.assign(trials=counts)[first]

@@ -10,10 +10,10 @@ from typing import Callable
 import pandas as pd
 
 from kdtune.models import MODELS
-from kdtune.pareto import pareto_mask
+from kdtune.pareto import pareto_mask, representatives
 
 BASE_COLUMNS = ["trial_id", "phase", "loss", "student.arch", "width", "student"]
-METRIC_COLUMNS = ["params", "extra_params", "val_acc", "test_acc", "epochs", "teacher_passes", "status", "reason",
+METRIC_COLUMNS = ["params", "extra_params", "flops", "latency_ms", "model_mb", "feasible", "val_acc", "test_acc", "epochs", "teacher_passes", "status", "reason",
                   "mlflow_run_id", "node_id"]
 OWN_SCORES = ("val_acc", "val_loss", "test_acc", "test_loss", "test_acc_std")  # kdtune's accuracy, not `evaluate`'s
 
@@ -70,8 +70,10 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def pareto_table(df: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """The search front: finished trials only (an infeasible one never trained), one row per
+    distinct objective vector (kdtune.pareto.representatives)."""
     done = finished(df[df["phase"] == "search"])
-    front = done[pareto_mask(done, objectives)]
+    front = representatives(done[pareto_mask(done, objectives)], objectives)
     return front.sort_values("params").reset_index(drop=True)
 
 
@@ -108,25 +110,40 @@ def kd_gain_table(df: pd.DataFrame, objectives=()) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path, metric: str = "val_acc") -> None:
-    """Every finished trial (x = params, log scale) coloured by method; the front as a step line."""
+COST_LABELS = {"params": "student parameters (deployable)", "flops": "FLOPs per image",
+               "latency_ms": "latency (ms per batch)", "model_mb": "serialized size (MB)", "extra_params": "extra parameters"}
+
+
+def cost_metrics(objectives) -> list[str]:
+    """The objectives a plot puts on its x axes: the costs (size, FLOPs, latency), else params."""
+    return [m for m, _ in objectives if m in COST_LABELS] or ["params"]
+
+
+def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path, metric: str = "val_acc",
+                costs: list[str] = ("params",)) -> None:
+    """Every finished trial coloured by method, against each cost (log scale), one panel each; the
+    front marked on every panel, and drawn as a step line where it has only that one cost."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = finished(df[df["phase"] == "search"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for loss, group in done.groupby("loss"):
-        ax.scatter(group["params"], group[metric], label=loss, s=28, alpha=0.8)
-    if not front.empty:
-        label = "Pareto front (confirmed means)" if "seeds" in front.columns else "Pareto front"
-        ax.step(front["params"], front[metric], where="post", color="black", lw=1.2, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters (deployable)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{len(done)} finished trials; front of {len(front)}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(costs), figsize=(7 * len(costs), 4.5), squeeze=False)
+    label = "Pareto front (confirmed means)" if "seeds" in front.columns else "Pareto front"
+    for cost, ax in zip(costs, axes[0]):
+        for loss, group in done.groupby("loss"):
+            ax.scatter(group[cost], group[metric], label=loss, s=28, alpha=0.8)
+        if not front.empty and len(costs) == 1:
+            ordered = front.sort_values(cost)
+            ax.step(ordered[cost], ordered[metric], where="post", color="black", lw=1.2, label=label)
+        elif not front.empty:
+            ax.scatter(front[cost], front[metric], s=90, facecolors="none", edgecolors="black", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(COST_LABELS[cost])
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{len(done)} finished trials; front of {len(front)}")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
@@ -181,8 +198,9 @@ def terminal_report(front: pd.DataFrame, gain: pd.DataFrame, counts: dict, gap: 
     """The end-of-sweep tables: the front (beside the teacher), the KD gain, which teacher (with
     several), and how many trials each status had."""
     confirmed = "test_acc_std" in front.columns
-    columns = (["loss"] + method_columns(front) + ["student", "params", "val_acc", "test_acc"]
-               + evaluation_columns(front.columns) + (["test_acc_std", "seeds"] if confirmed else []) + ["teacher_gap"])
+    columns = (["loss"] + method_columns(front) + ["student", "params", "flops", "latency_ms", "model_mb", "val_acc",
+                                                   "test_acc"] + evaluation_columns(front.columns)
+               + (["test_acc_std", "seeds"] if confirmed else ["trials"]) + ["teacher_gap", "quantized"])
     chosen_on = next((c.removeprefix("baseline_") for c in gain.columns if c.startswith("baseline_val_")), "val_acc")
     excluded = {k: v for k, v in counts.items() if k != "FINISHED"}
     note = "; ".join(f"{v} {k.lower()} excluded" for k, v in sorted(excluded.items()))

@@ -391,7 +391,8 @@ def report(spec, trials, out_dir: Path, summary: dict) -> tuple:
                     "teacher_gap": gap, **({"which_teacher": which.to_dict("records")} if not which.empty else {})})
     results.write_csv(trials, out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
-    results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)))
+    results.plot_pareto(trials, front, out_dir / "pareto.png", accuracy_metric(objectives(spec)),
+                        results.cost_metrics(objectives(spec)))
     results.write_json(summary, out_dir / "summary.json")
     if not which.empty:
         results.write_csv(which, out_dir / "which_teacher.csv")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -13,8 +14,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from kdtune import results, study, tracking
+from kdtune.measure import Measurer, feasible
+from kdtune.spec import ARCH_METRICS
 from kdtune.space import SearchSpace, resolve
-from kdtune.tuning import (KDOptunaSearch, SweepContext, TrackingCallback, error_summary, trainable,
+from kdtune.tuning import (KDOptunaSearch, SweepContext, TrackingCallback, arch_violations, error_summary, trainable,
                            trial_status)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -33,6 +36,15 @@ def _trainable(spec, data, ctx):
                                    distributed.trial_resources())
     return tune.with_resources(tune.with_parameters(trainable, data=data, ctx=ctx),
                                {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def sampler(spec, measurer: Measurer) -> optuna.samplers.BaseSampler:
+    """The spec's Optuna sampler, seeded; with search.constraints, given them as its own
+    `constraints_func` (the architecture's measured figures against the bounds)."""
+    kwargs = {"seed": spec.seed}
+    if spec.search.constraints:
+        kwargs["constraints_func"] = partial(arch_violations, spec, measurer)
+    return SAMPLERS[spec.search.sampler](**kwargs)
 
 
 def _max_concurrent(spec) -> int:
@@ -97,10 +109,11 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     baselines = _baselines(spec, space)
     total = search_size(spec, space)
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
+    measurer = Measurer.for_sweep(spec, data.splits, data.student_factory)
     searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
                               mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,
-                              sampler=SAMPLERS[spec.search.sampler](seed=spec.seed), epochs=spec.train.epochs,
-                              total=total, ctx=ctx, resume=resume)
+                              sampler=sampler(spec, measurer), epochs=spec.train.epochs,
+                              total=total, ctx=ctx, measurer=measurer, resume=resume)
     accuracy = _accuracy_objective(spec)
     scheduler = None
     if spec.search.scheduler:
@@ -194,14 +207,23 @@ def record_recovered(ctx: SweepContext, spec, runs: list) -> int:
     return len(missing)
 
 
+def known_feasible(figures: dict, spec) -> bool | None:
+    """The `feasible` column: the architecture's figures within search.constraints; None when a trial
+    ended before it reported them."""
+    return None if None in figures.values() else feasible(figures, spec.search.constraints)
+
+
 def _row(spec, phase: str, trial_id: str, config: dict, metrics: dict, status: str, reason: str) -> dict:
     plan = resolve(spec, config)
+    if metrics.get("infeasible"):  # untrained: its validation objectives are placeholders (study.untrained_values)
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("val_")}
+    figures = {name: metrics.get(name) for name in ARCH_METRICS}
     row = dict(config)
     row.update({k: metrics[k] for k in results.evaluation_columns(metrics)})  # the `evaluate` function's
     row.update({"trial_id": trial_id, "phase": phase, "loss": plan.method,
                 "student.arch": plan.spec.student.arch, "width": plan.spec.student.width, "student": plan.student,
                 "teacher": plan.teacher,
-                "params": metrics.get("params"), "extra_params": metrics.get("extra_params"),
+                **figures, "extra_params": metrics.get("extra_params"), "feasible": known_feasible(figures, spec),
                 "val_acc": metrics.get("val_acc"), "test_acc": metrics.get("test_acc"),
                 "epochs": metrics.get("epoch", 0), "teacher_passes": metrics.get("teacher_passes"),
                 "status": status, "reason": reason,

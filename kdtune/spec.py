@@ -14,7 +14,8 @@ from kdtune.data.base import DATASETS
 from kdtune.errors import SpecError
 from kdtune.models.resolve import IMPORT_PATH, IN_MEMORY, arch_problem
 
-METRICS = ("val_acc", "val_loss", "params", "extra_params")
+METRICS = ("val_acc", "val_loss", "params", "extra_params", "flops", "latency_ms", "model_mb")
+ARCH_METRICS = ("params", "flops", "latency_ms", "model_mb")  # kdtune.measure: fixed by the architecture
 EVALUATED = re.compile(r"^val_[A-Za-z0-9_]+$")  # val_<name> of a metric the `evaluate` function returns
 
 
@@ -264,6 +265,32 @@ class Objective(Strict):
     _metric = field_validator("metric")(check_metric)
 
 
+class Constraint(Strict):
+    """A bound on a figure the architecture fixes (kdtune.measure), given to Optuna's sampler."""
+
+    metric: str
+    """A figure the architecture fixes: params, flops, latency_ms or model_mb."""
+    max: Optional[float] = None
+    """The largest allowed value."""
+    min: Optional[float] = None
+    """The smallest allowed value."""
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in ARCH_METRICS:
+            raise ValueError(f"unknown constraint metric {value!r}; one of {', '.join(map(repr, ARCH_METRICS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max is None and self.min is None:
+            raise ValueError("a constraint needs max, min or both")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
 class SchedulerSpec(Strict):
     type: Literal["asha"]
     """The early-stopping scheduler."""
@@ -296,6 +323,26 @@ class SearchSpec(Strict):
     """Fresh seeds to retrain each front size's best distilled and baseline configuration with; 0: none."""
     optuna_storage: Optional[str] = None
     """The Optuna study's RDB URL; default sqlite in `results/<name>/optuna.db`."""
+    constraints: list[Constraint] = Field(default_factory=list)
+    """Bounds on measured figures (params, flops, latency_ms, model_mb), given to the sampler's `constraints_func`."""
+
+    @field_validator("constraints")
+    @classmethod
+    def _constrained_sampler(cls, value, info):
+        if value and info.data.get("sampler") == "random":
+            raise ValueError("the random sampler takes no constraints; use tpe, nsga2 or gp")
+        return value
+
+
+class DeploySpec(Strict):
+    """Where latency_ms is measured (kdtune.measure): batch size, device and intra-op threads."""
+
+    batch_size: int = Field(1, ge=1)
+    """Images in the timed forward."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """The device the students are timed on."""
+    threads: int = Field(1, ge=1)
+    """Intra-op threads of the timed forward (torch.set_num_threads)."""
 
 
 class Resources(Strict):
@@ -344,6 +391,8 @@ class Spec(Strict):
     """Where Ray runs."""
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
     """Where MLflow is."""
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
+    """How students are measured for deployment: latency's batch size, device and threads."""
     evaluate: Optional[str] = None
     """The project's own evaluation: `package.module:function(model, data_loader) -> {name: number}`."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 
 from kdtune import tracking
+from kdtune.measure import violations
 from kdtune.space import parse_space
 from kdtune.spec import Spec
 
@@ -22,7 +23,8 @@ RECORDED_KEY = "study_recorded"  # in a completed trial's last result: False whe
 TRIAL_ATTR = "kdtune.trial_id"  # the trial's id, as MLflow's `kdtune.trial_id` tag holds it
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 STATES = {"FINISHED": optuna.trial.TrialState.COMPLETE, "STOPPED": optuna.trial.TrialState.PRUNED,
-          "FAILED": optuna.trial.TrialState.FAIL}
+          "FAILED": optuna.trial.TrialState.FAIL, "INFEASIBLE": optuna.trial.TrialState.COMPLETE}
+UNTRAINED = {"max": 0.0, "min": 1e9}  # what an untrained (infeasible) trial is told on a trained metric, by mode
 
 
 def location(spec: Spec, out_dir: Path, parent_id: str) -> tuple[str, str]:
@@ -56,14 +58,32 @@ def sampled(spec: Spec, config: dict) -> optuna.trial.FixedTrial:
 
 
 def record(url: str, name: str, spec: Spec, trial_id: str, config: dict, metrics: dict, status: str) -> None:
-    """Add the trial's outcome (kdtune's status: FINISHED, STOPPED or FAILED): its objectives when it
-    finished, as Tune's OptunaSearch tells them; a pruned or failed trial has none."""
+    """Add the trial's outcome (kdtune's status: FINISHED, STOPPED, FAILED or INFEASIBLE): its
+    objectives and constraint values when it finished or was infeasible, as Tune's OptunaSearch
+    tells them; a pruned or failed trial has none."""
     state = STATES[status]
     fixed = sampled(spec, config)
-    values = [float(metrics[o.metric]) for o in spec.search.objectives] if state == optuna.trial.TrialState.COMPLETE else None
+    complete = state == optuna.trial.TrialState.COMPLETE
+    if complete and status == "INFEASIBLE":
+        metrics = {**metrics, **untrained_values(spec, metrics)}
+    values = [float(metrics[o.metric]) for o in spec.search.objectives] if complete else None
+    constraints = named_violations(metrics, spec.search.constraints) if complete and spec.search.constraints else None
     trial = optuna.trial.create_trial(params=fixed.params, distributions=fixed.distributions, values=values,
-                                      state=state, user_attrs={TRIAL_ATTR: trial_id})
+                                      state=state, user_attrs={TRIAL_ATTR: trial_id}, constraints=constraints)
     optuna.load_study(study_name=name, storage=url).add_trial(trial)
+
+
+def untrained_values(spec: Spec, metrics: dict) -> dict:
+    """An infeasible trial's objectives: its measured costs, and on a metric only training gives the
+    worst value (UNTRAINED). Optuna's constrained samplers rank infeasible trials by their violation
+    alone, so these never steer the search; they only let Optuna take the trial as COMPLETE."""
+    return {o.metric: metrics.get(o.metric, UNTRAINED[o.mode]) for o in spec.search.objectives}
+
+
+def named_violations(metrics: dict, constraints) -> dict[str, float]:
+    """The constraint values the study on record keeps: `<metric>.max` / `<metric>.min`, <= 0 when met."""
+    names = [f"{c.metric}.{bound}" for c in constraints for bound in ("max", "min") if getattr(c, bound) is not None]
+    return dict(zip(names, violations(metrics, constraints)))
 
 
 def recorded_ids(url: str, name: str) -> set[str]:

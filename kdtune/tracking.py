@@ -22,7 +22,7 @@ from kdtune.errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 LOGGED_METRICS = ("epoch", "val_acc", "val_loss", "test_acc", "params", "extra_params", "epoch_seconds", "teacher_live_batches",
-                  "teacher_passes")
+                  "teacher_passes", "flops", "latency_ms", "model_mb")
 LOGGED_PREFIXES = ("loss_", "val_", "test_")  # loss terms; the `evaluate` function's val_<name> and test_<name>
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "kdtune.trial_id"
@@ -134,7 +134,7 @@ def completed(run) -> bool:
     Such a trial may still be restored after a driver kill, when Tune had not yet recorded its end;
     an interrupted or errored one is meant to train again."""
     tags = run.data.tags
-    return run.info.status != "RUNNING" and (tags.get("kdtune.status") in ("FINISHED", "STOPPED")
+    return run.info.status != "RUNNING" and (tags.get("kdtune.status") in ("FINISHED", "STOPPED", "INFEASIBLE")
                                              or tags.get("kdtune.reason") == "diverged")
 
 
@@ -157,8 +157,9 @@ def final_result(client: MlflowClient, run_id: str) -> dict | None:
         return None
     diverged = run.data.tags.get("kdtune.reason") == "diverged"
     epoch = max((m.step for m in client.get_metric_history(run_id, "val_acc")), default=0)
-    return {**run.data.metrics, "epoch": epoch, "diverged": diverged,
-            "done": diverged or run.data.tags["kdtune.status"] == "FINISHED"}
+    infeasible = run.data.tags["kdtune.status"] == "INFEASIBLE"  # recorded without training
+    return {**run.data.metrics, "epoch": epoch, "diverged": diverged, **({"infeasible": True} if infeasible else {}),
+            "done": diverged or infeasible or run.data.tags["kdtune.status"] == "FINISHED"}
 
 
 def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:
@@ -176,7 +177,7 @@ def log_epoch(client: MlflowClient, run_id: str, result: dict) -> None:
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
     tags = [RunTag("kdtune.status", status)] + ([RunTag("kdtune.reason", reason[:5000])] if reason else [])
     client.log_batch(run_id, tags=tags)
-    mlflow_status = {"STOPPED": "FINISHED"}.get(status, status)
+    mlflow_status = {"STOPPED": "FINISHED", "INFEASIBLE": "FINISHED"}.get(status, status)
     client.set_terminated(run_id, mlflow_status)
 
 

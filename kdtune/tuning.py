@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import optuna
 import ray
 import torch
 from ray import tune
@@ -17,11 +18,13 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdtune import study, tracking
-from kdtune.space import resolve
+from kdtune.measure import Measurer, feasible, violations
+from kdtune.space import parse_space, resolve
 from kdtune.spec import Spec
 from kdtune.trial import SweepData, run_trial
 
 STATE_FILE = "trial_state.pt"
+DEPLOY_KEY = "deploy"  # in a trial's config: its architecture's figures (kdtune.measure), added by the driver
 
 
 @dataclass
@@ -43,7 +46,8 @@ def trial_params(plan, config: dict) -> dict:
     student = plan.spec.student
     return {"loss": plan.method, "student.arch": student.arch, "width": student.width,
             **{f"student.kwargs.{k}": v for k, v in student.kwargs.items()}, "train.lr": plan.spec.train.lr, "train.epochs": plan.spec.train.epochs, "seed": plan.seed,
-            "train.effective_batch_size": effective_batch(plan.spec), **method_defaults, **config,
+            "train.effective_batch_size": effective_batch(plan.spec), **method_defaults,
+            **{k: v for k, v in config.items() if k != DEPLOY_KEY},
             **({"teacher": plan.teacher} if plan.teacher else {})}
 
 
@@ -73,6 +77,7 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
     by them and this process only reports."""
     spec = Spec.model_validate(ctx.spec_dict)
     config = config.get("point", config)  # confirmation runs pass whole configs through grid_search
+    figures = config.get(DEPLOY_KEY, {})  # measured by the driver, once per architecture
     plan = resolve(spec, config)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     device = "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
@@ -91,9 +96,11 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, get_state) -> None:
-        metrics = {**metrics, "mlflow_run_id": run_id, "node_id": node_id, "trial_name": trial_id}  # Tune sets "trial_id" itself
+        metrics = {**metrics, **figures, "mlflow_run_id": run_id, "node_id": node_id, "trial_name": trial_id}  # Tune sets "trial_id" itself
         if run_id and not metrics.get("replayed"):
             log_own_result(client, run_id, metrics, spec.train.epochs)
+        if metrics.get("infeasible"):  # Tune and Optuna want every objective; never logged to MLflow
+            metrics.update(study.untrained_values(spec, metrics))
         if metrics.get("done") and ctx.phase == "search":
             metrics[study.RECORDED_KEY] = record_own_outcome(ctx, spec, trial_id, config, metrics)
         if get_state is None:
@@ -105,6 +112,9 @@ def trainable(config: dict, data: SweepData | None, ctx: SweepContext, workers=N
 
     if final is not None:  # the trial completed, but the driver was killed before Tune recorded it
         report({**final, "replayed": True}, None)
+        return
+    if figures and not figures["feasible"]:  # the architecture breaks a constraint: recorded, never trained
+        report({"epoch": 0, "infeasible": True, "done": True}, None)
         return
     monitor = system_metrics(ctx, run_id, resumed=state is not None) if run_id else None
     try:
@@ -174,9 +184,11 @@ class KDOptunaSearch(OptunaSearch):
     and ended between two snapshots, then the driver was killed): a resumed search samples that
     many fewer, so the search keeps its size and reruns nothing."""
 
-    def __init__(self, *args, space, epochs: int, total: int, ctx: SweepContext, resume: bool = False, **kwargs):
+    def __init__(self, *args, space, epochs: int, total: int, ctx: SweepContext, measurer: Measurer,
+                 resume: bool = False, **kwargs):
         super().__init__(*args, space=space, **kwargs)
         self._epochs, self._total, self._ctx = epochs, total, ctx
+        self._spec, self._measurer = Spec.model_validate(ctx.spec_dict), measurer
         self._suggested: set[str] = set()  # saved with the searcher in each experiment snapshot
         self._recovered = self._completed_elsewhere() if resume else set()  # resumed before Tune's first snapshot
 
@@ -191,6 +203,9 @@ class KDOptunaSearch(OptunaSearch):
             return Searcher.FINISHED
         config = super().suggest(trial_id)
         self._suggested.add(trial_id)
+        if isinstance(config, dict):
+            figures = self._measurer(resolve(self._spec, config).spec.student)
+            config = {**config, DEPLOY_KEY: {**figures, "feasible": feasible(figures, self._spec.search.constraints)}}
         return config
 
     def restore(self, checkpoint_path: str):
@@ -200,9 +215,17 @@ class KDOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
         if result and result.get("diverged"):
             result, error = None, True
-        elif result and not error and result.get("epoch", 0) < self._epochs:
+        elif result and not error and not result.get("infeasible") and result.get("epoch", 0) < self._epochs:
+            # an infeasible trial stays COMPLETE, so that constraints_func tells the sampler why
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def arch_violations(spec: Spec, measurer: Measurer, trial: "optuna.trial.FrozenTrial") -> list[float]:
+    """Optuna's `constraints_func`: the sampled architecture's violations of search.constraints
+    (figures the searcher measured when it suggested the trial)."""
+    config = {**trial.params, **parse_space(spec)(optuna.trial.FixedTrial(trial.params))}
+    return violations(measurer(resolve(spec, config).spec.student), spec.search.constraints)
 
 
 def error_summary(error) -> str:
@@ -217,6 +240,8 @@ def trial_status(result: dict | None, epochs: int, error: bool) -> tuple[str, st
         return "FAILED", "error"
     if not result:
         return "KILLED", "no result"
+    if result.get("infeasible"):
+        return "INFEASIBLE", "the architecture breaks search.constraints; not trained"
     if result.get("diverged"):
         return "FAILED", "diverged"
     if result.get("epoch", 0) >= epochs:
@@ -273,7 +298,7 @@ class TrackingCallback(tune.Callback):
             if self.best is None or self.sign * value > self.sign * self.best[0]:
                 self.best = (value, str(trial))
         best = f"best {self.objective} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no finished trial yet"
-        shown = f"{self.objective} {value:.4f}" if isinstance(value, float) else ""
+        shown = f"{self.objective} {value:.4f}" if isinstance(value, float) and status != "INFEASIBLE" else ""
         print(f"[{self.done}/{self.total}] {trial} {status.lower()} {shown} | {best}", file=self.out, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

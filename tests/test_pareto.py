@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kdtune.pareto import pareto_mask
+from kdtune.pareto import pareto_mask, representatives
 
 
 def at_least_as_good(a, b, mode):
@@ -108,3 +108,11 @@ def test_one_row_and_empty():
     assert pareto_mask(one, [("val_acc", "max"), ("params", "min")]).to_dict() == {42: True}
     empty = pd.DataFrame({"val_acc": [], "params": []})
     assert pareto_mask(empty, [("val_acc", "max"), ("params", "min")]).empty
+
+
+def test_one_representative_per_objective_vector_with_its_count():
+    df = pd.DataFrame({"val_acc": [0.9, 0.9, 0.8, 0.9, 0.8], "params": [10, 10, 5, 10, 5],
+                       "trial_id": ["a", "b", "c", "d", "e"]}, index=[4, 3, 2, 1, 0])
+    kept = representatives(df, [("val_acc", "max"), ("params", "min")])
+    # the first of each tied group, in the sampler's (row) order: a stands for a, b, d; c for c, e
+    assert list(kept["trial_id"]) == ["a", "c"] and list(kept["trials"]) == [3, 2]

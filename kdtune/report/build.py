@@ -9,10 +9,11 @@ from kdtune import confirm, results
 from kdtune.report import hypervolume as hv
 from kdtune.report.importance import importances
 from kdtune.report.page import write_page
+from kdtune.report.plot3d import write_front_3d
 from kdtune.report.tables import accuracy_metric, methods_table, objectives, tables
 
 FILES = ("trials.csv", "pareto.csv", "pareto.png", "kd_gain.csv", "methods.csv", "importances.csv",
-         "hypervolume.json", "report.html")
+         "hypervolume.json", "report.html")  # and pareto-3d.html for three objectives
 
 
 def write_report(trials: pd.DataFrame, spec_dict: dict, out_dir: Path, title: str, subtitle: str = "",
@@ -46,7 +47,9 @@ def write_report(trials: pd.DataFrame, spec_dict: dict, out_dir: Path, title: st
                "reference_point": reference, "front_size": len(front), "description": hv.describe(objs, reference)}
     results.write_csv(trials.drop(columns=["model_uri"], errors="ignore"), out_dir / "trials.csv")
     results.write_csv(front, out_dir / "pareto.csv")
-    results.plot_pareto(trials, front, out_dir / "pareto.png", metric)
+    results.plot_pareto(trials, front, out_dir / "pareto.png", metric, results.cost_metrics(objs))
+    if len(objs) == 3:
+        write_front_3d(trials, front, objs, out_dir / "pareto-3d.html")
     results.write_csv(gain, out_dir / "kd_gain.csv")
     if not which.empty:
         results.write_csv(which, out_dir / "which_teacher.csv")

@@ -1,7 +1,7 @@
 """Hypervolume of a Pareto front: the objective-space volume it dominates up to a reference point.
 
 Objectives are turned into minimisation (a maximised metric is negated), and parameter
-counts (`params`, `extra_params`) are measured in decades (log10), as the Pareto plot shows
+counts and FLOPs (`params`, `extra_params`, `flops`) are measured in decades (log10), as the Pareto plot shows
 them. The default reference point is 0 for a maximised metric (an accuracy) and, for a
 minimised one, the next power of ten at or above the largest finished trial's value.
 """
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-LOG_METRICS = ("params", "extra_params")
+LOG_METRICS = ("params", "extra_params", "flops")
 
 
 def hypervolume(points, reference) -> float:

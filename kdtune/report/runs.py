@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kdtune import results, tracking
+from kdtune.measure import MEASURED
 
 PHASES = {"search": 0, "confirm": 1}
 
@@ -99,6 +100,7 @@ def _trials(children: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
                     "student.arch": get("params.student.arch"), "width": get("params.width"),
                     "student": get("tags.kdtune.student"),
                     "params": get("metrics.params"), "extra_params": get("metrics.extra_params"),
+                    **{name: get(f"metrics.{name}") for name in MEASURED},
                     "val_acc": get("metrics.val_acc"), "test_acc": get("metrics.test_acc"),
                     "epochs": get("metrics.epoch"), "teacher_passes": get("metrics.teacher_passes"),
                     "status": get("tags.kdtune.status", run["status"]),
@@ -112,7 +114,7 @@ def _trials(children: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         if not pd.api.types.is_numeric_dtype(frame[column]) and column not in (
                 "trial_id", "student", "mlflow_run_id", "source_trial", "reason", "model_uri", "sweep", "sweep_name"):
             frame[column] = _numeric(frame[column])
-    for column in ["params", "extra_params", "val_acc", "test_acc", "epochs", "teacher_passes"] + evaluated:
+    for column in ["params", "extra_params", *MEASURED, "val_acc", "test_acc", "epochs", "teacher_passes"] + evaluated:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     frame["width"] = pd.to_numeric(frame["width"], errors="coerce").astype("Int64")
     return frame

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from kdtune import confirm, results
+from kdtune.spec import ARCH_METRICS
 
 
 def objectives(spec_dict: dict) -> list[tuple[str, str]]:
@@ -15,7 +16,7 @@ def objectives(spec_dict: dict) -> list[tuple[str, str]]:
 
 
 def accuracy_metric(objs: list[tuple[str, str]]) -> str:
-    return next((m for m, _ in objs if m != "params"), "val_acc")
+    return next((m for m, _ in objs if m not in ARCH_METRICS + ("extra_params",)), "val_acc")
 
 
 def tables(trials: pd.DataFrame, objs: list[tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
