@@ -128,7 +128,8 @@ def smoke_overrides(spec: Spec) -> dict[str, Any]:
            "search.num_samples": min(spec.search.num_samples, SMOKE_SAMPLES),
            "search.confirm_seeds": min(spec.search.confirm_seeds, SMOKE_SEEDS)}
     recipes = {"train": (spec.train, SMOKE_EPOCHS["train"]),
-               **{section: (block, SMOKE_EPOCHS["teacher"]) for section, block in trained_teachers(spec).items()}}
+               **{section: (block, SMOKE_EPOCHS["teacher"]) for section, block in trained_teachers(spec).items()
+                  if section != "teacher" or spec.teacher_given}}  # the default teacher stays a default
     for section, (recipe, most) in recipes.items():
         epochs = min(recipe.epochs, most)
         scale = epochs / recipe.epochs

@@ -113,6 +113,7 @@ class SearchSpace:
     teacher: Dim | None = None  # `teacher: {choice: [names]}`, sampled only for methods that read a teacher
     default_teacher: str | None = None
     named_teachers: bool = False  # the spec names its teachers (`teachers:`): trials.csv gets a teacher column
+    teacher_given: bool = False  # the spec has `teacher:` or `teachers:`: loaded even for a baseline-only space
 
     @property
     def columns(self) -> list[str]:
@@ -125,9 +126,11 @@ class SearchSpace:
 
     @property
     def teachers(self) -> list[str]:
-        """The named teachers some trial of this space distils from (none when no method reads one)."""
+        """The named teachers some trial of this space distils from. A space whose methods read no
+        teacher loads none, unless the spec gives one: its test accuracy and gap to each student
+        are still part of the answer (a baseline-only sweep with `teacher:`)."""
         if not any(reads_teacher(m) for m in self.methods):
-            return []
+            return [self.default_teacher] if self.teacher_given and self.default_teacher else []
         return list(self.teacher.args) if self.teacher is not None else [self.default_teacher]
 
     def __call__(self, trial) -> dict[str, Any]:
@@ -304,7 +307,8 @@ def parse_space(spec) -> SearchSpace:
             raise SpecError(path, "not a searchable key; use width, loss, student.kwargs.<name>, or a dotted "
                                   f"path under {' or '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr, student.arch)")
         params[key] = _parse_dim(path, value, _spec_value_check(spec_dict, dotted))
-    space = SearchSpace(params, methods, archs, teacher, default_teacher(spec), bool(spec.teachers))
+    space = SearchSpace(params, methods, archs, teacher, default_teacher(spec), bool(spec.teachers),
+                        spec.teacher_given)
     _check_method_teachers(methods, space, spec)
     archs = space.student_values("student.arch", spec.student.arch)
     for name in methods:

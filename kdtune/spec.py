@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationInfo, field_validator,
+                      model_validator)
 
 from kdtune.data.base import DATASETS
 from kdtune.errors import SpecError
@@ -400,11 +401,19 @@ class Spec(Strict):
     smoke: Optional[dict[str, Any]] = None
     """What `--smoke` sets besides kdtune's own shrinking, in the spec's layout (e.g. `{train: {epochs: 3}}`)."""
 
+    # whether the spec itself gives a teacher (`teacher:` or `teachers:`), before the default fills one in
+    _teacher_given: bool = PrivateAttr(False)
+
     @model_validator(mode="after")
     def _one_teacher_by_default(self):
-        if self.teacher is None and not self.teachers:
+        self._teacher_given = self.teacher is not None or bool(self.teachers)
+        if not self._teacher_given:
             self.teacher = TeacherSpec()
         return self
+
+    @property
+    def teacher_given(self) -> bool:
+        return self._teacher_given
 
 
 def spec_to_dict(spec: Spec) -> dict:

@@ -4,7 +4,8 @@ trained or loaded once and its train-set outputs computed once, for all trials.
 An assistant is trained once by KD from its named teacher, then cached like any teacher (a
 resumed sweep loads it). An ensemble keeps its members' logits, mixed in each trial at its
 method's temperature (kdtune.trial.ensemble_logits). A space of teacher-free methods (none,
-dml, byot) needs no teacher and trains none. Forward passes are counted per teacher.
+dml, byot) needs no teacher and trains none unless the spec gives one (for the students' gap to
+it). Forward passes are counted per teacher.
 """
 from __future__ import annotations
 
