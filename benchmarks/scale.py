@@ -38,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, VAL, EPOCHS, BATCH = 512, 500, 1, 64
+TIED_VAL = 20  # --ties: accuracy on 20 validation images moves in steps of 0.05, so most trials tie
 WORKER_GIB = 0.6  # a kdtune trial actor's proportional set size, measured: torch, Ray, MLflow and kdtune imported
 TARGETS = {"slope_ratio_16_max": 2.0, "slope_ratio_large_300_1000_max": 2.0, "flat_max": 1.25}
 
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="benchmarks/scale.json")
     parser.add_argument("--plot", default="docs/scale.png")
     parser.add_argument("--tools", nargs="+", default=["hand-written", "kdtune"], choices=["hand-written", "kdtune"])
+    parser.add_argument("--ties", action="store_true",
+                        help=f"accuracies that tie (both sweeps validate on {TIED_VAL} images) and kdtune's baselines on")
     parser.add_argument("--hand-written", action="store_true", help=argparse.SUPPRESS)  # the child: one sweep
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--concurrent", type=int, help=argparse.SUPPRESS)
@@ -111,7 +114,7 @@ def hand_written(args) -> None:
     from kdtune.loading import validate
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    splits = load_splits(validate(kdtune_spec(args.data_root, args.n, args.concurrent)).data, 0)
+    splits = load_splits(validate(kdtune_spec(args.data_root, args.n, args.concurrent, args.ties)).data, 0)
     ray.init(address=args.address, log_to_driver=False)
     data = (splits.train_x, splits.train_y, splits.val_x, splits.val_y)
     searcher = OptunaSearch(space=mlp_space, metric=["val_acc", "params"], mode=["max", "min"],
@@ -126,16 +129,17 @@ def hand_written(args) -> None:
 
 # ---- the kdtune sweep ----
 
-def kdtune_spec(data_root: str, n: int, slots: int) -> dict:
+def kdtune_spec(data_root: str, n: int, slots: int, ties: bool = False) -> dict:
+    val = TIED_VAL if ties else VAL
     return {"name": "scale", "seed": 0,
-            "data": {"dataset": "mnist", "root": data_root, "val_size": VAL, "train_limit": TRAIN + VAL,
+            "data": {"dataset": "mnist", "root": data_root, "val_size": val, "train_limit": TRAIN + val,
                      "test_limit": VAL},
             "teacher": {"arch": "mlp", "epochs": 2, "batch_size": 64},
             "student": {"arch": "mlp"},
             "train": {"epochs": EPOCHS, "batch_size": BATCH, "checkpoint_every": 1},
             "search": {"space": {"width": {"choice": [16, 32, 64]}, "train.lr": {"loguniform": [0.01, 0.05]},
                                  "loss": {"none": {}, "kd": {}}},
-                       "num_samples": n, "max_concurrent": slots, "baselines": False, "confirm_seeds": 0},
+                       "num_samples": n, "max_concurrent": slots, "baselines": ties, "confirm_seeds": 0},
             "resources": {"cpu": 1, "gpu": 0}}
 
 
@@ -201,20 +205,37 @@ def kdtune_command(folder: Path, address: str, spec_path: Path, *extra: str) -> 
             str(folder / "storage"), *extra]
 
 
-def run_kdtune(folder: Path, env: dict, address: str, data_root: str, n: int, slots: int) -> dict:
+def run_kdtune(folder: Path, env: dict, address: str, data_root: str, n: int, slots: int, ties: bool) -> dict:
     folder.mkdir(parents=True)
     spec_path = folder / "spec.json"
-    spec_path.write_text(json.dumps(kdtune_spec(data_root, n, slots)))
+    spec_path.write_text(json.dumps(kdtune_spec(data_root, n, slots, ties)))
     result = timed(kdtune_command(folder, address, spec_path), env, folder, folder / "driver.log")
     if result["rc"] == 0:
-        result.update(check_runs(folder, n))
+        result.update(check_runs(folder, n + 3 * ties))  # with the baselines: one per width
+        result.update(front_rows(folder))
     return result
 
 
-def run_hand_written(folder: Path, env: dict, address: str, data_root: str, n: int, slots: int) -> dict:
+def front_rows(folder: Path) -> dict:
+    """The front against the trials it stands for: pareto.csv's rows and their `trials` counts, the
+    distinct (val_acc, params) points of the finished search trials, and the models MLflow holds."""
+    import mlflow
+    import pandas as pd
+
+    trials = pd.read_csv(folder / "results" / "scale" / "trials.csv")
+    front = pd.read_csv(folder / "results" / "scale" / "pareto.csv")
+    done = trials[(trials["phase"] == "search") & (trials["status"] == "FINISHED")]
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    models = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("scale").experiment_id],
+                                         output_format="list")
+    return {"distinct_points": len(done[["val_acc", "params"]].drop_duplicates()), "front_rows": len(front),
+            "front_trials": int(front["trials"].sum()), "logged_models": len(models)}
+
+
+def run_hand_written(folder: Path, env: dict, address: str, data_root: str, n: int, slots: int, ties: bool) -> dict:
     folder.mkdir(parents=True)
     command = [sys.executable, __file__, "--hand-written", "--data-root", data_root, "--n", str(n), "--concurrent",
-               str(slots), "--address", address, "--storage", str(folder / "storage")]
+               str(slots), "--address", address, "--storage", str(folder / "storage"), *(["--ties"] if ties else [])]
     return timed(command, {**env, "RAY_AUTH_MODE": "token"}, folder, folder / "driver.log")  # kdtune sets it itself
 
 
@@ -387,7 +408,7 @@ def main(argv=None) -> None:
                     if tool not in args.tools:
                         continue
                     row = {"tool": tool, "slots": slots, "n": n,
-                           **runner(root / f"{tool}-{slots}-{n}", env, address, args.data_root, n, slots)}
+                           **runner(root / f"{tool}-{slots}-{n}", env, address, args.data_root, n, slots, args.ties)}
                     report["rows"].append(row)
                     print(json.dumps(row), flush=True)
                     out.write_text(json.dumps(report, indent=2))

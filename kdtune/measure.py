@@ -2,13 +2,15 @@
 
 None of the three depends on the weights, so one architecture (arch, width and kwargs) is
 measured once and every trial of it shares the figures. The driver measures them, one
-architecture at a time, when the searcher first samples it: not inside trials, where a
-dozen busy neighbours would distort the timings.
+architecture at a time: every choice of the space's student sizes before any trial starts, and
+an architecture only a continuous size reaches when the searcher first samples it. Never inside
+trials, where a dozen busy neighbours would distort the timings.
 """
 from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -79,6 +81,7 @@ class Measurer:
     threads: int = 1
     factory: Optional[Callable] = None
     cache: dict = field(default_factory=dict)
+    seconds: float = 0.0  # spent measuring, in this process
 
     @classmethod
     def for_sweep(cls, spec, splits, factory=None) -> "Measurer":
@@ -89,9 +92,11 @@ class Measurer:
     def __call__(self, student_spec) -> dict:
         key = arch_key(student_spec)
         if key not in self.cache:
+            started = time.perf_counter()
             model = build_model(student_spec, self.in_shape, self.num_classes, "student", student_spec.width,
                                 self.factory)
             self.cache[key] = measure(model, self.in_shape, self.batch_size, self.device, self.threads)
+            self.seconds += time.perf_counter() - started
         return self.cache[key]
 
     def __getstate__(self):  # Tune snapshots the searcher with plain pickle: the figures go, a user's factory not

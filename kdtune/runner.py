@@ -23,6 +23,7 @@ from kdtune.cluster import init_ray, user_modules
 from kdtune.data.resolve import load_data
 from kdtune.errors import SpecError, TrackingError
 from kdtune.loading import load_spec
+from kdtune.measure import Measurer
 from kdtune.log import log
 from kdtune.models.resolve import IN_MEMORY, IMPORT_PATH
 from kdtune.preflight import OWN_NAMES, arch_of, check_models, check_objectives, check_teacher
@@ -257,7 +258,8 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
         from kdtune.tuning import SweepContext
 
         ctx = SweepContext(spec_dict, uri, exp_id, parent_id, optuna_storage=optuna_url, optuna_study=study_name)
-        trials, students, interrupted = _search_and_confirm(spec, space, data_, ctx, client, storage, resume)
+        measurer = Measurer.for_sweep(spec, data_.splits, data_.student_factory)
+        trials, students, interrupted = _search_and_confirm(spec, space, data_, ctx, client, storage, resume, measurer)
         trials, missing = reconcile.reconcile(client, exp_id, parent_id, trials)
         interrupted = interrupted or bool((trials["status"] == "KILLED").any())
         status = "KILLED" if interrupted else "FINISHED"
@@ -266,7 +268,8 @@ def run(spec: Union[str, Path, dict, Spec], *, teacher: Union[nn.Module, Callabl
             **({"teachers": teachers_info} if teachers_info else {}),
             "teacher_forward_passes": forward_passes(trials),
             "wall_seconds": {"teacher_and_data": round(teacher_done - started, 1),
-                             "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1)},
+                             "sweep": round(time.time() - teacher_done, 1), "total": round(time.time() - started, 1),
+                             "measuring": round(measurer.seconds, 1)},
             "interrupted": interrupted, "optuna": {"storage": optuna_url, "study_name": study_name}})
         missing += epilogue.at_sweep_end(epilogue.Sweep(spec, data_, out_dir, client, uri, parent_id),
                                          trials, front, students, interrupted)
@@ -336,7 +339,8 @@ def _parent_run(client, exp_id: str, spec_dict: dict, out_dir: Path, storage: st
     return parent_id
 
 
-def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bool) -> tuple[pd.DataFrame, dict, bool]:
+def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bool,
+                        measurer) -> tuple[pd.DataFrame, dict, bool]:
     """Both phases' trials in the trials.csv layout, confirmation only after a complete search;
     (phase, trial id) -> (config, last checkpoint) of every trial, to rebuild its student; and
     whether a phase ended short of its trials (interrupted)."""
@@ -344,7 +348,7 @@ def _search_and_confirm(spec, space, data, ctx, client, storage: str, resume: bo
                                search_size, trained)
 
     columns = space.columns + ["seed", "source_trial"]
-    grid = run_search(spec, space, data, ctx, storage, resume)
+    grid = run_search(spec, space, data, ctx, storage, resume, measurer)
     lost = recovered_runs(grid, ctx) if resume else []  # only a killed driver's snapshot can miss a trial
     if lost:
         log(f"{len(lost)} trial(s) that ended after Tune's last snapshot before a driver kill recovered from MLflow")

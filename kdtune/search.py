@@ -14,6 +14,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from kdtune import results, study, tracking
+from kdtune.log import log
 from kdtune.measure import Measurer, feasible
 from kdtune.spec import ARCH_METRICS
 from kdtune.space import SearchSpace, resolve
@@ -100,16 +101,19 @@ def search_size(spec, space: SearchSpace) -> int:
     return spec.search.num_samples + len(_baselines(spec, space))
 
 
-def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, resume: bool):
-    """The Optuna search through Ray Tune; with `resume`, the interrupted one continues."""
+def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, resume: bool, measurer: Measurer):
+    """The Optuna search through Ray Tune; with `resume`, the interrupted one continues. Every
+    student size the space chooses from is measured first, while no trial runs beside it."""
     path = f"{storage}/search"
     if resume and tune.Tuner.can_restore(path):
         return _restore(path, spec, data, ctx)
+    for point in space.baseline_points():
+        measurer(resolve(spec, point).spec.student)
+    log(f"measured {len(measurer.cache)} student architecture(s) in {measurer.seconds:.1f} s, before any trial")
     objectives = spec.search.objectives
     baselines = _baselines(spec, space)
     total = search_size(spec, space)
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
-    measurer = Measurer.for_sweep(spec, data.splits, data.student_factory)
     searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
                               mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=baselines or None,
                               sampler=sampler(spec, measurer), epochs=spec.train.epochs,

@@ -215,6 +215,9 @@ class TeacherTargets:
                  inputs: bool = False):
         self.weights, self.temperature, self.inputs = data.weights, temperature, inputs
         self.cached = {k: data.targets[k] for k in keys if k in data.targets}
+        if self.weights is not None and "logits" in self.cached:  # an ensemble's: mixed once for the trial
+            self.cached["logits"] = torch.cat([ensemble_logits(rows, self.weights, temperature)
+                                               for rows in self.cached["logits"].split(8192)])
         self.on_disk = [k for k in keys if data.outputs is not None and k in data.outputs.keys]
         self.outputs, self.device = data.outputs, device
         self.live = [k for k in keys if k not in data.targets and k not in self.on_disk]
@@ -238,7 +241,7 @@ class TeacherTargets:
             with torch.no_grad():
                 features = self.teacher(x)
             out.update({k: TEACHER_TARGETS[k](features) for k in self.live})
-        if self.weights is not None:
+        if self.weights is not None and "logits" not in self.cached:  # members' logits from disk or a forward
             out["logits"] = ensemble_logits(out["logits"], self.weights, self.temperature)
         if self.inputs:
             out[INPUTS] = x

@@ -19,7 +19,7 @@ MAX_PARAMS = 50_000  # mlp width 16: 12,730 parameters; width 256: 203,530
 
 
 @pytest.mark.slow
-def test_a_constrained_three_objective_sweep(tmp_path, mnist_root, teacher_cache):
+def test_a_constrained_three_objective_sweep(tmp_path, mnist_root, teacher_cache, capfd):
     spec = kdtune.load_spec(SPEC, {
         "data.root": str(mnist_root), "teacher.cache_dir": str(teacher_cache), **SMALL,
         "search.space": {"width": {"choice": [16, 256]}, "loss": {"none": {}, "kd": {}}}, "search.sampler": "tpe",
@@ -32,6 +32,10 @@ def test_a_constrained_three_objective_sweep(tmp_path, mnist_root, teacher_cache
     assert result.status == "FINISHED" and result.mlflow_missing == []
     trials = pd.read_csv(result.results_dir / "trials.csv")
     assert len(trials) == 8  # 6 sampled and 2 baselines (none at each width)
+    # both widths measured in the driver before the first trial ran, and the time it took kept
+    printed = capfd.readouterr().out
+    assert -1 < printed.find("measured 2 student architecture(s) in") < printed.find("[1/8]")
+    assert result.summary["wall_seconds"]["measuring"] > 0
 
     # the `feasible` column, computed here from the width's own parameter count
     assert (trials["feasible"] == (trials["params"] <= MAX_PARAMS)).all()
