@@ -94,7 +94,9 @@ def accuracy(args) -> dict:
     objectives = [("val_acc", "max"), ("params", "min")]
     which = pd.concat([which_teacher(group, objectives) for _, group in trials.groupby("student", sort=False)])
     print(which.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    return {"which_teacher": which.to_dict("records")}
+    runs = trials[trials["phase"] == "confirm"]  # each run's median epoch, two runs at a time on the 2 workers
+    epoch = runs.groupby(["student", "loss", runs["teacher"].fillna("-")], sort=False)["epoch_seconds"].median()
+    return {"which_teacher": which.to_dict("records"), "epoch_seconds": {" | ".join(k): v for k, v in epoch.items()}}
 
 
 def costs(args) -> dict:

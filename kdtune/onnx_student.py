@@ -86,13 +86,17 @@ class _Calibration(CalibrationDataReader):
 
 
 def quantize(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
-    """ONNX Runtime's static int8 quantization (QDQ, per-channel weights), calibrated on `calibration`."""
+    """ONNX Runtime's static int8 quantization (QDQ, per-channel weights), calibrated on `calibration`.
+    Weights use 7 of their 8 bits (`reduce_range`), as ONNX Runtime advises for CPUs without VNNI:
+    there, full-range u8 x s8 products saturate, and the default front's depthwise gapnets lost 17
+    to 28 points of test accuracy with it (0.3 points or fewer without)."""
     with tempfile.TemporaryDirectory() as folder:
         src, prepared, out = (Path(folder) / name for name in ("f.onnx", "p.onnx", "q.onnx"))
         onnx.save(model, str(src))
         quant_pre_process(str(src), str(prepared))
         quantize_static(str(prepared), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
         return onnx.load(str(out))
 
 

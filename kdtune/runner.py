@@ -151,13 +151,14 @@ def prepare_teachers(spec, space: SearchSpace, splits, stream, given, student, e
 
 def _log_cache(name: str, facts: dict, found: TeacherData) -> None:
     cached, live, mode = facts["cached_targets"], facts["live_targets"], facts["cache"]
+    name = "teacher" if name == "teacher" else f"teacher {name}"  # `teacher:` itself, or a `teachers:` entry
     if cached:
         views = f" for each of the {next(iter(found.targets.values())).shape[1]} augmented views" if found.per_view else ""
         where = f" on disk in {found.outputs.folder}" if found.outputs else ""
-        log(f"teacher {name} outputs cached once for all trials (teacher.cache: {mode}){views}{where}: {', '.join(cached)}")
+        log(f"{name} outputs cached once for all trials (teacher.cache: {mode}){views}{where}: {', '.join(cached)}")
     if live:
         why = facts.get("cache_reason")
-        log(f"teacher {name} outputs computed live in the trials (teacher.cache: {mode}"
+        log(f"{name} outputs computed live in the trials (teacher.cache: {mode}"
             f"{f'; {why}' if why else ''}): {', '.join(live)}")
 
 
