@@ -2,8 +2,8 @@
 
 None of the three depends on the weights, so one architecture (arch, width and kwargs) is
 measured once and every trial of it shares the figures. The driver measures them, one
-architecture at a time: every choice of the space's student sizes before any trial starts, and
-an architecture only a continuous size reaches when the searcher first samples it. Never inside
+architecture at a time: the baselines' students (every choice of the space's student sizes)
+before any trial starts, any other architecture when the searcher first samples it. Never inside
 trials, where a dozen busy neighbours would distort the timings.
 """
 from __future__ import annotations

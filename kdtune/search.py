@@ -102,16 +102,18 @@ def search_size(spec, space: SearchSpace) -> int:
 
 
 def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, resume: bool, measurer: Measurer):
-    """The Optuna search through Ray Tune; with `resume`, the interrupted one continues. Every
-    student size the space chooses from is measured first, while no trial runs beside it."""
+    """The Optuna search through Ray Tune; with `resume`, the interrupted one continues. The
+    baselines' students (every size the space chooses from) are measured first, while no trial
+    runs beside the timing."""
     path = f"{storage}/search"
     if resume and tune.Tuner.can_restore(path):
         return _restore(path, spec, data, ctx)
-    for point in space.baseline_points():
-        measurer(resolve(spec, point).spec.student)
-    log(f"measured {len(measurer.cache)} student architecture(s) in {measurer.seconds:.1f} s, before any trial")
-    objectives = spec.search.objectives
     baselines = _baselines(spec, space)
+    for point in baselines:
+        measurer(resolve(spec, point).spec.student)
+    if baselines:
+        log(f"measured {len(measurer.cache)} student architecture(s) in {measurer.seconds:.1f} s, before any trial")
+    objectives = spec.search.objectives
     total = search_size(spec, space)
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     searcher = KDOptunaSearch(space=space, metric=metrics if len(metrics) > 1 else metrics[0],
