@@ -76,7 +76,7 @@ def one_run(job):
 
 def accuracy(args) -> dict:
     jobs, rows = [], []
-    for arch, width in STUDENTS:
+    for arch, width in [s for s in STUDENTS if not args.students or f"{s[0]} {s[1]}" in args.students]:
         for n, config in enumerate(configs(arch)):
             jobs += [({**config, **student(arch, width), "trial_id": f"{arch}{width}-{n}"}, seed)
                      for seed in range(1, args.seeds + 1)]
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT.train.epochs)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--students", nargs="+", metavar="STUDENT", help='only these, e.g. "gapnet 4" "mlp 64"')
     parser.add_argument("--cost-rounds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/teachers.json")
     args = parser.parse_args()
