@@ -75,10 +75,11 @@ def init_ray(address: Optional[str], py_modules: list[str] = ()):
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # ...whose absence Tune's ResultGrid reports with a warning line per trial when it is built
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # A reused actor waits this long for the previous trial's thread to end (Tune's default, 2 s, is
-    # exceeded on a loaded machine, and the next trial then fails with "Trainable runner reuse requires
-    # reset_config() ...").
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    # A reused actor waits this long for the previous trial's thread to end, else the next trial fails
+    # with "Trainable runner reuse requires reset_config() ...": Tune's default, 2 s, is exceeded on a
+    # loaded machine, and a trial that ends while the tracking server is down is still in MLflow's
+    # retries (kdtune.tracking.RETRIES: about a minute of backoff), so it waits past them.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "180")
     # the trial actors read it: on a cluster they get the job's runtime_env, not the driver's environment
     runtime_env = {"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"]}}
     if py_modules:
