@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 import kdtune
-from kdtune.measure import Measurer
+from kdtune.measure import Measurer, arch_key
 from kdtune.space import parse_space, resolve
 
 HERE = Path(__file__).resolve().parent
@@ -38,14 +38,17 @@ def default_students(spec) -> list:
             for point in parse_space(spec).baseline_points()]
 
 
-def measured(students, repeat: int) -> tuple[list[dict], float]:
-    """Every student measured by `repeat` fresh measurers (no cache shared); seconds of the first pass."""
+def measured(students, repeat: int, timing_seconds: float) -> tuple[list[dict], float]:
+    """Every student measured by `repeat` fresh measurers (no cache shared), each timing them
+    together as a sweep's driver does before any trial; seconds of the first pass."""
     rows, first_s = [], 0.0
     for attempt in range(repeat):
-        measurer = Measurer((1, 28, 28), 10)
+        measurer = Measurer((1, 28, 28), 10, timing_seconds=timing_seconds)
         started = time.perf_counter()
+        figures = measurer.measure_all(students)
         for student in students:
-            rows.append({"attempt": attempt, "student": f"{student.arch} {student.width}", **measurer(student)})
+            rows.append({"attempt": attempt, "student": f"{student.arch} {student.width}",
+                         **figures[arch_key(student)]})
         if attempt == 0:
             first_s = time.perf_counter() - started
     return rows, first_s
@@ -111,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = kdtune.load_spec(DEFAULT)
     students = default_students(spec)
-    rows, measure_s = measured(students, repeat=2)
+    rows, measure_s = measured(students, 2, spec.deploy.timing_seconds)
     both = pd.DataFrame(rows).pivot_table(index="student", columns="attempt", values="latency_ms")
     repeat = {s: {"first_ms": round(r[0], 4), "second_ms": round(r[1], 4),
                   "difference": round(abs(r[1] - r[0]) / r[0], 4)} for s, r in both.iterrows()}

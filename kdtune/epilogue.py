@@ -71,7 +71,8 @@ def with_onnx(sweep: Sweep, run_id: str, model, example: np.ndarray) -> str:
     splits, deploy_spec = sweep.data.splits, sweep.spec.deploy
     try:
         student, why = onnx_student(model, deploy.raw_images(splits, None), splits.test_y,
-                                    deploy.raw_images(splits, None, "train"), deploy_spec.batch_size, deploy_spec.threads)
+                                    deploy.raw_images(splits, None, "train"), deploy_spec.batch_size, deploy_spec.threads,
+                                    deploy_spec.timing_seconds)
     except Exception as exc:  # noqa: BLE001 - an operator ONNX lacks costs the ONNX copy only
         student, why = None, f"export failed: {tracking.first_line(exc)}"
     if student is None:

@@ -21,6 +21,7 @@ from kdtune.spec import TEACHER_ENTRIES, Spec, spec_to_dict, trained_teachers
 SMOKE_FIXED = {"data.val_size": 1000, "data.test_limit": 1000, "search.scheduler": None,
                "resources.cpu": 1, "resources.gpu": 0, "data.workers": 0}
 SMOKE_TRAIN_LIMIT, SMOKE_BATCH_SIZE, SMOKE_SAMPLES, SMOKE_SEEDS = 12000, 128, 4, 2
+SMOKE_TIMING_S = 1.0  # latency sampled for 1 s: a first run's figures, not a benchmark's
 SMOKE_EPOCHS = {"teacher": 3, "train": 2}  # the teacher gets more: it must end ahead of the students
 
 
@@ -123,10 +124,11 @@ def _read(path: str) -> Any:
 def smoke_overrides(spec: Spec) -> dict[str, Any]:
     """What `--smoke` sets, from the spec's own values: a data slice, at most SMOKE_EPOCHS epochs
     of batches of at most SMOKE_BATCH_SIZE (warm-up and milestones scaled with the epochs), 4
-    samples and 2 confirmation seeds, on one CPU."""
+    samples and 2 confirmation seeds, on one CPU, latency sampled for at most SMOKE_TIMING_S."""
     out = {**SMOKE_FIXED, "data.train_limit": min(spec.data.train_limit or SMOKE_TRAIN_LIMIT, SMOKE_TRAIN_LIMIT),
            "search.num_samples": min(spec.search.num_samples, SMOKE_SAMPLES),
-           "search.confirm_seeds": min(spec.search.confirm_seeds, SMOKE_SEEDS)}
+           "search.confirm_seeds": min(spec.search.confirm_seeds, SMOKE_SEEDS),
+           "deploy.timing_seconds": min(spec.deploy.timing_seconds, SMOKE_TIMING_S)}
     recipes = {"train": (spec.train, SMOKE_EPOCHS["train"]),
                **{section: (block, SMOKE_EPOCHS["teacher"]) for section, block in trained_teachers(spec).items()
                   if section != "teacher" or spec.teacher_given}}  # the default teacher stays a default

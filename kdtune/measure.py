@@ -1,10 +1,16 @@
 """What a student costs to deploy: FLOPs, latency and size, measured once per architecture.
 
 None of the three depends on the weights, so one architecture (arch, width and kwargs) is
-measured once and every trial of it shares the figures. The driver measures them, one
-architecture at a time: the baselines' students (every choice of the space's student sizes)
-before any trial starts, any other architecture when the searcher first samples it. Never inside
-trials, where a dozen busy neighbours would distort the timings.
+measured once and every trial of it shares the figures. The driver measures them: the baselines'
+students (every choice of the space's student sizes) together before any trial starts, any other
+architecture when the searcher first samples it. Never inside trials, where a dozen busy
+neighbours would distort the timings.
+
+Shared and virtual CPUs have slow episodes of several seconds (a ~1 ms forward takes 1.2-1.8 ms
+on the project's VM), which no statistic of a short run escapes. So latency is sampled in short
+blocks, round-robin over the architectures measured together, for `deploy.timing_seconds`, and
+the quietest block counts: the figure is the forward's uncontended time, the same however busy
+the neighbours were for part of the window.
 """
 from __future__ import annotations
 
@@ -20,11 +26,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdtune.models.features import student_params
 from kdtune.models.resolve import build_model
-from kdtune.spec import ARCH_METRICS
+from kdtune.spec import ARCH_METRICS, DeploySpec
 
 MEASURED = tuple(m for m in ARCH_METRICS if m != "params")  # the deployment costs, beside the trial's own `params`
 WARMUP = 10  # forwards before timing: allocator, caches and oneDNN kernels settle
-SPREAD, MAX_RUN_S = 0.05, 3.0  # timing stops once the blocks' IQR is within 5% of their median, or at 3 s
+BLOCK_S = 0.01  # one timed block: short beside a slow episode, long beside the clock's resolution
 
 
 def flops(model: nn.Module, sample: torch.Tensor) -> int:
@@ -36,15 +42,32 @@ def flops(model: nn.Module, sample: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def latency_ms(model: nn.Module, batch: torch.Tensor, threads: int = 1) -> float:
-    """The median wall time of one forward of `batch`, in milliseconds: eval mode, no grad, after
-    warm-up, with `threads` intra-op threads (torch.utils.benchmark pins and restores them)."""
+def quietest_ms(timers: dict, seconds: float) -> dict:
+    """Each torch.utils.benchmark Timer's run time in its quietest block, in milliseconds: after
+    warm-up, blocks of about BLOCK_S alternate between the timers for `seconds` (at least three
+    rounds); a block's figure is its mean run."""
+    number = {}
+    for name, timer in timers.items():
+        warm = timer.timeit(WARMUP)  # the Timer synchronizes CUDA itself
+        number[name] = max(1, round(BLOCK_S / warm.mean))
+    best = dict.fromkeys(timers, float("inf"))
+    started, rounds = time.perf_counter(), 0
+    while rounds < 3 or time.perf_counter() - started < seconds:
+        for name, timer in timers.items():
+            best[name] = min(best[name], timer.timeit(number[name]).mean)
+        rounds += 1
+    return {name: value * 1e3 for name, value in best.items()}
+
+
+def latencies(models: dict, batch: torch.Tensor, threads: int = 1, seconds: float = 1.0) -> dict:
+    """One forward's wall time of `batch` through each model in its quietest block (`quietest_ms`),
+    in milliseconds: eval mode, no grad, with `threads` intra-op threads (torch.utils.benchmark
+    pins and restores them)."""
     from torch.utils import benchmark  # imported when timing: it pulls in torch's C++ extension loader
 
-    timer = benchmark.Timer(stmt="with torch.no_grad(): model(batch)", globals={"model": model, "batch": batch},
-                            num_threads=threads)
-    timer.timeit(WARMUP)  # warm-up at the timed thread count (the Timer synchronizes CUDA itself)
-    return timer.adaptive_autorange(threshold=SPREAD, max_run_time=MAX_RUN_S).median * 1e3
+    return quietest_ms({name: benchmark.Timer(stmt="with torch.no_grad(): model(batch)",
+                                              globals={"model": model, "batch": batch}, num_threads=threads)
+                        for name, model in models.items()}, seconds)
 
 
 def model_mb(model: nn.Module) -> float:
@@ -54,13 +77,16 @@ def model_mb(model: nn.Module) -> float:
     return buffer.getbuffer().nbytes / 1e6
 
 
-def measure(model: nn.Module, in_shape, batch_size: int = 1, device: str = "cpu", threads: int = 1) -> dict:
-    """All four figures of one model, on random inputs of the dataset's shape (none depends on the values)."""
-    model = model.to(device).eval()
+def measure_all(models: dict, in_shape, batch_size: int = 1, device: str = "cpu", threads: int = 1,
+                seconds: float = 1.0) -> dict:
+    """All four figures of each model, on random inputs of the dataset's shape (none depends on
+    the values); their latencies are timed together (`latencies`)."""
+    models = {name: model.to(device).eval() for name, model in models.items()}
     sample = torch.rand(1, *in_shape, device=device)
     batch = torch.rand(batch_size, *in_shape, device=device)
-    return {"params": student_params(model), "flops": flops(model, sample),
-            "latency_ms": latency_ms(model, batch, threads), "model_mb": model_mb(model)}
+    timed = latencies(models, batch, threads, seconds)
+    return {name: {"params": student_params(model), "flops": flops(model, sample), "latency_ms": timed[name],
+                   "model_mb": model_mb(model)} for name, model in models.items()}
 
 
 def arch_key(student_spec) -> str:
@@ -79,6 +105,7 @@ class Measurer:
     batch_size: int = 1
     device: str = "cpu"
     threads: int = 1
+    timing_seconds: float = DeploySpec().timing_seconds
     factory: Optional[Callable] = None
     cache: dict = field(default_factory=dict)
     seconds: float = 0.0  # spent measuring, in this process
@@ -87,17 +114,23 @@ class Measurer:
     def for_sweep(cls, spec, splits, factory=None) -> "Measurer":
         deploy = spec.deploy
         return cls(tuple(splits.in_shape), splits.num_classes, deploy.batch_size, deploy.device, deploy.threads,
-                   factory)
+                   deploy.timing_seconds, factory)
 
     def __call__(self, student_spec) -> dict:
-        key = arch_key(student_spec)
-        if key not in self.cache:
+        return self.measure_all([student_spec])[arch_key(student_spec)]
+
+    def measure_all(self, student_specs) -> dict:
+        """The figures of each student spec's architecture, by arch_key; those not yet cached are
+        measured together."""
+        new = {arch_key(s): s for s in student_specs if arch_key(s) not in self.cache}
+        if new:
             started = time.perf_counter()
-            model = build_model(student_spec, self.in_shape, self.num_classes, "student", student_spec.width,
-                                self.factory)
-            self.cache[key] = measure(model, self.in_shape, self.batch_size, self.device, self.threads)
+            models = {key: build_model(s, self.in_shape, self.num_classes, "student", s.width, self.factory)
+                      for key, s in new.items()}
+            self.cache.update(measure_all(models, self.in_shape, self.batch_size, self.device, self.threads,
+                                          self.timing_seconds))
             self.seconds += time.perf_counter() - started
-        return self.cache[key]
+        return {arch_key(s): self.cache[arch_key(s)] for s in student_specs}
 
     def __getstate__(self):  # Tune snapshots the searcher with plain pickle: the figures go, a user's factory not
         return {**self.__dict__, "factory": None}

@@ -3,8 +3,9 @@ int8 copy quantized by ONNX Runtime's own static quantization, calibrated on tra
 
 Both take and return what the PyTorch deployable model does (kdtune.deploy): raw images in,
 logits out. The int8 copy's test accuracy and latency are measured beside the float model's,
-latency as kdtune.measure times PyTorch: the median of torch.utils.benchmark blocks after
-warm-up, at deploy.batch_size with deploy.threads intra-op threads.
+latency as kdtune.measure times PyTorch (the quietest of torch.utils.benchmark blocks, after
+warm-up, at deploy.batch_size with deploy.threads intra-op threads), the float and int8 models'
+blocks alternating, so that both meet the same slow episodes.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils import benchmark
 
-from kdtune.measure import MAX_RUN_S, SPREAD, WARMUP
+from kdtune.measure import quietest_ms
 
 CHECKED = 256  # test images the ONNX model is checked on against PyTorch
 TOLERANCE = 1e-4  # the largest absolute logit difference accepted
@@ -101,12 +102,11 @@ def quantize(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto
         return onnx.load(str(out))
 
 
-def latency_ms(runner: ort.InferenceSession, batch: np.ndarray) -> float:
-    """The median wall time of one run of `batch`, after warm-up, as kdtune.measure times PyTorch."""
-    timer = benchmark.Timer(stmt="runner.run(outputs, feed)",
-                            globals={"runner": runner, "outputs": [OUTPUT], "feed": {INPUT: batch}})
-    timer.timeit(WARMUP)
-    return timer.adaptive_autorange(threshold=SPREAD, max_run_time=MAX_RUN_S).median * 1e3
+def latencies_ms(runners: dict, batch: np.ndarray, seconds: float) -> dict:
+    """One run of `batch` through each ONNX Runtime session, in milliseconds (`quietest_ms`)."""
+    return quietest_ms({name: benchmark.Timer(stmt="runner.run(outputs, feed)",
+                                              globals={"runner": runner, "outputs": [OUTPUT], "feed": {INPUT: batch}})
+                        for name, runner in runners.items()}, seconds)
 
 
 def accuracy(values: np.ndarray, labels: np.ndarray) -> float:
@@ -114,7 +114,8 @@ def accuracy(values: np.ndarray, labels: np.ndarray) -> float:
 
 
 def onnx_student(model: torch.nn.Module, test_images: torch.Tensor, test_labels: torch.Tensor,
-                 train_images: torch.Tensor, batch_size: int = 1, threads: int = 1) -> tuple[Optional[OnnxStudent], str]:
+                 train_images: torch.Tensor, batch_size: int = 1, threads: int = 1,
+                 timing_seconds: float = 1.0) -> tuple[Optional[OnnxStudent], str]:
     """Export, check and quantize the eager deployable `model` (images in the model's input space).
     Returns (the ONNX student, "") or (None, why) when ONNX Runtime disagrees with PyTorch."""
     images = test_images.cpu().float().numpy()
@@ -129,5 +130,6 @@ def onnx_student(model: torch.nn.Module, test_images: torch.Tensor, test_labels:
     int8 = session(int8_model, threads)
     labels = test_labels.cpu().numpy()
     batch = images[:batch_size] if len(images) >= batch_size else np.resize(images, (batch_size, *images.shape[1:]))
+    timed = latencies_ms({"float": runner, "int8": int8}, batch, timing_seconds)
     return OnnxStudent(float_model, int8_model, diff, accuracy(logits(runner, images), labels),
-                       accuracy(logits(int8, images), labels), latency_ms(runner, batch), latency_ms(int8, batch)), ""
+                       accuracy(logits(int8, images), labels), timed["float"], timed["int8"]), ""

@@ -109,8 +109,7 @@ def run_search(spec, space: SearchSpace, data, ctx: SweepContext, storage: str, 
     if resume and tune.Tuner.can_restore(path):
         return _restore(path, spec, data, ctx)
     baselines = _baselines(spec, space)
-    for point in baselines:
-        measurer(resolve(spec, point).spec.student)
+    measurer.measure_all([resolve(spec, point).spec.student for point in baselines])
     if baselines:
         log(f"measured {len(measurer.cache)} student architecture(s) in {measurer.seconds:.1f} s, before any trial")
     objectives = spec.search.objectives

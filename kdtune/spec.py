@@ -336,7 +336,7 @@ class SearchSpec(Strict):
 
 
 class DeploySpec(Strict):
-    """Where latency_ms is measured (kdtune.measure): batch size, device and intra-op threads."""
+    """Where and how latency_ms is measured (kdtune.measure): batch size, device, intra-op threads, time."""
 
     batch_size: int = Field(1, ge=1)
     """Images in the timed forward."""
@@ -344,6 +344,9 @@ class DeploySpec(Strict):
     """The device the students are timed on."""
     threads: int = Field(1, ge=1)
     """Intra-op threads of the timed forward (torch.set_num_threads)."""
+    timing_seconds: float = Field(10, gt=0)
+    """How long latency is sampled, round-robin over the architectures measured together; the
+    quietest block counts (kdtune.measure). Long enough to outlast a shared CPU's slow episodes."""
 
 
 class Resources(Strict):

@@ -12,6 +12,7 @@ SPEC = REPO / "search_spaces" / "mnist.yaml"
 # clusters): a 5,000-image slice, one epoch each, in batches of 256.
 LIGHT_SMOKE = ["data.train_limit=5000", "teacher.epochs=1", "train.epochs=1", "teacher.batch_size=256",
                "train.batch_size=256"]
+QUICK_TIMING = "deploy.timing_seconds=0.3"  # latency sampled briefly: the tests check what is measured, not how well
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +33,7 @@ def run_cli(mnist_root, teacher_cache):
         env = {**os.environ, "KDTUNE_CACHE": str(teacher_cache), "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "kdtune.sweep",  # the caller's args come last, so they win
                    "--results-dir", str(cwd / "results"), "--tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}",
-                   "--set", f"data.root={mnist_root}", *map(str, args)]
+                   "--set", f"data.root={mnist_root}", "--set", QUICK_TIMING, *map(str, args)]
         if background:  # the caller signals and waits for it
             return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)

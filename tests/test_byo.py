@@ -88,7 +88,7 @@ def test_python_api_with_objects_defined_in_the_test(tmp_path, digits, teacher_c
     teacher = trained_teacher(digits[0])
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     spec = kdtune.load_spec({
-        "name": "api", "data": {"val_size": 200},
+        "name": "api", "deploy": {"timing_seconds": 0.3}, "data": {"val_size": 200},
         "teacher": {"features": {"embedding": "5"}, "cache_dir": str(teacher_cache)},  # the ReLU after Linear(128, 32)
         "student": {"features": {"embedding": "flatten"}},
         "train": {"epochs": 1, "batch_size": 64, "lr": 0.01},

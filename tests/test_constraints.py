@@ -13,7 +13,7 @@ import kdtune
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "search_spaces" / "mnist-mlp.yaml"
-SMALL = {"data.train_limit": 1200, "data.val_size": 200, "data.test_limit": 300, "teacher.epochs": 1,
+SMALL = {"deploy.timing_seconds": 0.3, "data.train_limit": 1200, "data.val_size": 200, "data.test_limit": 300, "teacher.epochs": 1,
          "train.epochs": 1}
 MAX_PARAMS = 50_000  # mlp width 16: 12,730 parameters; width 256: 203,530
 

@@ -28,7 +28,7 @@ from kdtune.sweep import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "search_spaces" / "mnist-mlp.yaml"
-SMALL = {"data.train_limit": 1200, "data.val_size": 200, "data.test_limit": 300, "teacher.epochs": 1}
+SMALL = {"deploy.timing_seconds": 0.3, "data.train_limit": 1200, "data.val_size": 200, "data.test_limit": 300, "teacher.epochs": 1}
 
 
 def f1_macro(model, data_loader):

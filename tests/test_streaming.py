@@ -76,7 +76,7 @@ def teacher_net() -> nn.Module:
 
 def make_spec(**data):
     return kdtune.load_spec({
-        "name": "stream", "seed": 3, "data": {"val_size": VAL, **data},
+        "name": "stream", "deploy": {"timing_seconds": 0.3}, "seed": 3, "data": {"val_size": VAL, **data},
         "train": {"epochs": 2, "batch_size": 50, "lr": 0.01},
         "search": {"space": {"width": 16, "loss": {"kd": {}}}, "num_samples": 1, "confirm_seeds": 0}},
         overrides={"teacher.arch": "python:teacher_net", "data.dataset": "python:data"})

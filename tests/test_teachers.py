@@ -23,7 +23,7 @@ OURS = [p for p in BAD if p.name.startswith(("teachers_", "dml_", "byot_"))]
 
 def teachers_spec(mnist_root, cache, **extra):
     mlp = {"arch": "mlp", "epochs": 1, "cache_dir": str(cache)}
-    return load_spec({"name": "which", "data": {"root": str(mnist_root), "val_size": 500, "train_limit": 2000,
+    return load_spec({"name": "which", "deploy": {"timing_seconds": 0.3}, "data": {"root": str(mnist_root), "val_size": 500, "train_limit": 2000,
                                                 "test_limit": 500},
                       "teachers": {"big": {**mlp, "kwargs": {"width": 128}},
                                    "small": {**mlp, "kwargs": {"width": 16}},

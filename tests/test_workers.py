@@ -33,7 +33,7 @@ TRAIN = 1000  # training examples: 1200 minus val_size, an even number of batche
 
 
 def small_spec(mnist_root, teacher_cache, **keys):
-    base = {"name": "workers", "seed": 1, "data": {"root": str(mnist_root), "train_limit": 1200, "val_size": 200, "test_limit": 200},
+    base = {"name": "workers", "deploy": {"timing_seconds": 0.3}, "seed": 1, "data": {"root": str(mnist_root), "train_limit": 1200, "val_size": 200, "test_limit": 200},
             "teacher": {"epochs": 1, "cache_dir": str(teacher_cache)},
             "student": {"arch": "mlp", "width": 16}, "train": {"epochs": 1, "batch_size": 25, "lr": 0.01},
             "resources": {"cpu": 1, "workers": 2}}
