@@ -27,6 +27,7 @@ def test_smoke_shrinks_the_default_spec_from_its_own_values():
     assert smoke.teacher.schedule.type == smoke.train.schedule.type == "onecycle"
     assert (smoke.search.num_samples, smoke.search.confirm_seeds, smoke.search.scheduler) == (4, 2, None)
     assert (smoke.resources.cpu, smoke.resources.gpu) == (1, 0)
+    assert (full.deploy.timing_seconds, smoke.deploy.timing_seconds) == (10, 1)  # latency sampled for 1 s, not 10
     # the shape stays: families, methods, search, objectives
     assert smoke.search.space == full.search.space and smoke.search.objectives == full.search.objectives
 
@@ -39,6 +40,7 @@ def test_smoke_scales_step_milestones_and_keeps_smaller_values():
     assert smoke.data.train_limit == 3000 and (smoke.teacher.epochs, smoke.teacher.batch_size) == (2, 32)
     assert smoke.train.epochs == 2 and smoke.train.schedule.milestones == [1, 2] and smoke.train.schedule.gamma == 0.5
     assert (smoke.search.num_samples, smoke.search.confirm_seeds) == (3, 1)
+    assert load_spec({**spec, "deploy": {"timing_seconds": 0.5}}, smoke=True).deploy.timing_seconds == 0.5
 
 
 def test_the_specs_smoke_block_comes_after_kdtunes_rules_and_set_after_both():
