@@ -140,8 +140,9 @@ def test_a_timm_arch_without_timm_exits_2_with_the_install_hint(tmp_path):
 
 @pytest.mark.slow
 def test_the_timm_spec_runs_end_to_end_with_smoke(cifar_root, tmp_path, run_cli):
-    done = run_cli([REPO / "search_spaces" / "timm.yaml", "--smoke", "--set", f"data.root={cifar_root}"], tmp_path,
-                   timeout=1200)
+    done = run_cli([REPO / "search_spaces" / "timm.yaml", "--smoke", "--set", f"data.root={cifar_root}",
+                    "--set", "data.val_size=100", "--set", "data.train_limit=300"],  # 100 validation images: CPU time
+                   tmp_path, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "results" / "timm-cifar10"
     trials = pd.read_csv(out / "trials.csv")
