@@ -59,7 +59,7 @@ def quietest_ms(timers: dict, seconds: float) -> dict:
     return {name: value * 1e3 for name, value in best.items()}
 
 
-def latencies(models: dict, batch: torch.Tensor, threads: int = 1, seconds: float = 1.0) -> dict:
+def latencies(models: dict, batch: torch.Tensor, threads: int, seconds: float) -> dict:
     """One forward's wall time of `batch` through each model in its quietest block (`quietest_ms`),
     in milliseconds: eval mode, no grad, with `threads` intra-op threads (torch.utils.benchmark
     pins and restores them)."""
@@ -77,8 +77,7 @@ def model_mb(model: nn.Module) -> float:
     return buffer.getbuffer().nbytes / 1e6
 
 
-def measure_all(models: dict, in_shape, batch_size: int = 1, device: str = "cpu", threads: int = 1,
-                seconds: float = 1.0) -> dict:
+def measure_all(models: dict, in_shape, batch_size: int, device: str, threads: int, seconds: float) -> dict:
     """All four figures of each model, on random inputs of the dataset's shape (none depends on
     the values); their latencies are timed together (`latencies`)."""
     models = {name: model.to(device).eval() for name, model in models.items()}
@@ -122,7 +121,8 @@ class Measurer:
     def measure_all(self, student_specs) -> dict:
         """The figures of each student spec's architecture, by arch_key; those not yet cached are
         measured together."""
-        new = {arch_key(s): s for s in student_specs if arch_key(s) not in self.cache}
+        specs = {arch_key(s): s for s in student_specs}
+        new = {key: s for key, s in specs.items() if key not in self.cache}
         if new:
             started = time.perf_counter()
             models = {key: build_model(s, self.in_shape, self.num_classes, "student", s.width, self.factory)
@@ -130,7 +130,7 @@ class Measurer:
             self.cache.update(measure_all(models, self.in_shape, self.batch_size, self.device, self.threads,
                                           self.timing_seconds))
             self.seconds += time.perf_counter() - started
-        return {arch_key(s): self.cache[arch_key(s)] for s in student_specs}
+        return {key: self.cache[key] for key in specs}
 
     def __getstate__(self):  # Tune snapshots the searcher with plain pickle: the figures go, a user's factory not
         return {**self.__dict__, "factory": None}

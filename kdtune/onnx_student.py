@@ -24,6 +24,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils import benchmark
 
 from kdtune.measure import quietest_ms
+from kdtune.spec import DeploySpec
 
 CHECKED = 256  # test images the ONNX model is checked on against PyTorch
 TOLERANCE = 1e-4  # the largest absolute logit difference accepted
@@ -115,7 +116,7 @@ def accuracy(values: np.ndarray, labels: np.ndarray) -> float:
 
 def onnx_student(model: torch.nn.Module, test_images: torch.Tensor, test_labels: torch.Tensor,
                  train_images: torch.Tensor, batch_size: int = 1, threads: int = 1,
-                 timing_seconds: float = 1.0) -> tuple[Optional[OnnxStudent], str]:
+                 timing_seconds: float = DeploySpec().timing_seconds) -> tuple[Optional[OnnxStudent], str]:
     """Export, check and quantize the eager deployable `model` (images in the model's input space).
     Returns (the ONNX student, "") or (None, why) when ONNX Runtime disagrees with PyTorch."""
     images = test_images.cpu().float().numpy()

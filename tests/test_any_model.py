@@ -60,7 +60,7 @@ class Bookkeeping(nn.Module):
 
 
 def small_spec(mnist_root, teacher_cache, **resources):
-    return load_spec({"name": "any-model", "deploy": {"timing_seconds": 0.3}, "seed": 1,
+    return load_spec({"name": "any-model", "seed": 1,
                       "data": {"root": str(mnist_root), "train_limit": 1200, "val_size": 200, "test_limit": 200},
                       "teacher": {"epochs": 1, "cache_dir": str(teacher_cache)},
                       "student": {"features": FEATURES},
@@ -198,7 +198,7 @@ def test_the_teacher_cache_follows_the_models_structure(tmp_path, monkeypatch, m
     """The teacher class edited under the same import path is trained anew; a cached file that does
     not load is set aside with a note, and the teacher trained again. Never an error."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    spec = load_spec({"name": "cache", "deploy": {"timing_seconds": 0.3}, "seed": 1, "student": {"arch": "mlp"},
+    spec = load_spec({"name": "cache", "seed": 1, "student": {"arch": "mlp"},
                       "data": {"root": str(mnist_root), "train_limit": 700, "val_size": 200, "test_limit": 200},
                       "teacher": {"arch": "cache_zoo:Net", "epochs": 1, "cache_dir": str(tmp_path / "cache")}})
     splits = load_splits(spec.data, spec.seed)

@@ -14,7 +14,7 @@ from kdtune.trial import SweepData, build_student, run_trial
 
 @pytest.fixture(scope="module")
 def world(mnist_root):
-    spec = load_spec({"name": "own", "deploy": {"timing_seconds": 0.3}, "data": {"root": str(mnist_root), "val_size": 500, "train_limit": 2500,
+    spec = load_spec({"name": "own", "data": {"root": str(mnist_root), "val_size": 500, "train_limit": 2500,
                                               "test_limit": 500},
                       "student": {"arch": "cnn"}, "train": {"epochs": 2, "batch_size": 64, "lr": 0.003},
                       "search": {"space": {"loss": {"none": {}, "dml": {}, "byot": {}}}}})

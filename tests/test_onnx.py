@@ -27,7 +27,7 @@ from test_server import HOST, MLFLOW, free_port
 @pytest.fixture(scope="module")
 def trained(mnist_root):
     """An mlp student trained for one epoch on 3,000 real MNIST images, as its deployable model."""
-    spec = kdtune.load_spec({"name": "onnx", "deploy": {"timing_seconds": 0.3}, "data": {"root": str(mnist_root), "train_limit": 3000, "val_size": 200,
+    spec = kdtune.load_spec({"name": "onnx", "data": {"root": str(mnist_root), "train_limit": 3000, "val_size": 200,
                                                         "test_limit": 500}, "student": {"arch": "mlp", "width": 32}})
     splits = load_splits(spec.data, 0)
     torch.manual_seed(0)
@@ -51,7 +51,8 @@ def exported(trained):
     """The trained student as ONNX (float and int8), checked against PyTorch on the test images."""
     model, splits = trained
     test_images = deploy.raw_images(splits, None)
-    student, why = onnx_student(model, test_images, splits.test_y, deploy.raw_images(splits, None, "train"))
+    student, why = onnx_student(model, test_images, splits.test_y, deploy.raw_images(splits, None, "train"),
+                                timing_seconds=0.3)
     assert student is not None, why
     return student
 

@@ -76,7 +76,7 @@ def teacher_net() -> nn.Module:
 
 def make_spec(**data):
     return kdtune.load_spec({
-        "name": "stream", "deploy": {"timing_seconds": 0.3}, "seed": 3, "data": {"val_size": VAL, **data},
+        "name": "stream", "seed": 3, "data": {"val_size": VAL, **data},
         "train": {"epochs": 2, "batch_size": 50, "lr": 0.01},
         "search": {"space": {"width": 16, "loss": {"kd": {}}}, "num_samples": 1, "confirm_seeds": 0}},
         overrides={"teacher.arch": "python:teacher_net", "data.dataset": "python:data"})
@@ -156,7 +156,7 @@ def test_dataloaders_given_to_kdtune_run(on_disk, tmp_path, teacher_cache):
     test = DiskDigits(*on_disk[2:])
     loaders = {"train": DataLoader(first, batch_size=32), "test": DataLoader(test, batch_size=64),
                "val": {"a": DataLoader(val_a, batch_size=64), "b": DataLoader(val_b, batch_size=64)}}
-    spec = {"name": "loaders", "seed": 0, "data": {"workers": 1, "num_classes": 10},
+    spec = {"name": "loaders", "seed": 0, "deploy": {"timing_seconds": 0.3}, "data": {"workers": 1, "num_classes": 10},
             "teacher": {"cache_dir": str(teacher_cache)}, "train": {"epochs": 1, "batch_size": 50},
             "search": {"space": {"width": 16, "loss": {"kd": {}}}, "num_samples": 1, "confirm_seeds": 0}}
     before = FORWARD_PASSES["train"]  # the process's count: other tests' preparations add to it

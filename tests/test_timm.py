@@ -44,7 +44,7 @@ def cifar_root(tmp_path_factory):
 
 
 def spec_for(cifar_root, teacher_cache, **sections):
-    raw = {"name": "timm", "deploy": {"timing_seconds": 0.3}, "seed": 0, "data": {"dataset": "cifar10", "root": str(cifar_root), "val_size": 200},
+    raw = {"name": "timm", "seed": 0, "data": {"dataset": "cifar10", "root": str(cifar_root), "val_size": 200},
            "teacher": {"arch": "timm:test_resnet", "epochs": 1, "batch_size": 100, "optimizer": "adam", "lr": 0.003,
                        "schedule": {"type": "constant"}, "cache_dir": str(teacher_cache)},
            "student": {"arch": "timm:mobilenetv3_small_050"}, "train": {"epochs": 1, "batch_size": 100},
